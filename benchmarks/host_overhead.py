@@ -1,0 +1,68 @@
+"""Where the host time of one flashcore.attention call goes, stage by stage (needs a GPU).
+
+On a tiny problem (B=1, H=1, S=16, D=64: the kernel runs in ~2 µs), back-to-back calls are
+host-bound, so wall time per call is host time. Each stage is timed alone after a warm-up:
+argument checks, backend choice, the bare custom op, and the whole public call, beside
+PyTorch's own SDPA for scale.
+
+    python benchmarks/host_overhead.py [--shape 1,8,512,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import flashcore  # noqa: E402
+from flashcore import api  # noqa: E402
+
+CALLS, WARMUP = 5000, 500
+
+
+def per_call_us(fn) -> float:
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / CALLS * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1,1,16,64", help="B,H,S,D (default 1,1,16,64)")
+    shape = tuple(int(x) for x in parser.parse_args().shape.split(","))
+    if not torch.cuda.is_available():
+        print("No CUDA GPU: host overhead is only meaningful beside a GPU kernel.")
+        return 0
+    q, k, v = (torch.randn(shape, dtype=torch.float16, device="cuda") for _ in range(3))
+    table = Table("stage", "µs / call", title=f"host cost per call, shape {shape}, fp16")
+    stages = {
+        "argument checks": lambda: api._check_inputs(q, k, v, False, None, False, "auto"),
+        "backend choice (memoised)": lambda: api._select("auto", q, k, v, False, False),
+        "SDPA (PyTorch)": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+    for rung in flashcore.ladder():
+        stages[f"torch.ops.flashcore.{rung.name}_fwd"] = (
+            lambda op=rung.op: op(q, k, v, 0.125, False, False))
+        stages[f"flashcore.attention(backend={rung.name!r})"] = (
+            lambda name=rung.name: flashcore.attention(q, k, v, backend=name))
+    stages["flashcore.attention() (auto)"] = lambda: flashcore.attention(q, k, v)
+    for name, fn in stages.items():
+        table.add_row(name, f"{per_call_us(fn):.2f}")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

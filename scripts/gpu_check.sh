@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call that builds, checks and times everything: prebuild the CUDA rungs (resource
+# report), run the whole test suite on the GPU, time the mission shape beside the peers, and
+# with --sweep the BENCH.md grid. Everything is logged to $OUT/run.log; results JSON/PNG and a
+# tarball of the build cache (carry it back as fc-cache.tgz to skip the next compile) go to $OUT.
+#   bash scripts/gpu_check.sh [--sweep] [--backward]
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASHCORE_CACHE_DIR=${FLASHCORE_CACHE_DIR:-$PWD/.fc-cache}
+log="$OUT/run.log"
+step() { echo -e "\n=== $* ===" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
+
+[ -f fc-cache.tgz ] && tar xzf fc-cache.tgz
+step nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+step python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+step python3 -m flashcore build
+tar czf "$OUT/fc-cache.tgz" "$(realpath --relative-to="$PWD" "$FLASHCORE_CACHE_DIR")" --exclude='*.o' 2>/dev/null
+step python3 -m pytest -q -p no:cacheprovider --maxfail=25 tests
+status=$?
+step python3 -m flashcore bench --shape mission --iters 100 --out "$OUT"
+step python3 benchmarks/host_overhead.py
+if [[ " $* " == *" --sweep "* ]]; then
+  step python3 -m flashcore bench --sweep $([[ " $* " == *" --backward "* ]] && echo --backward) --out "$OUT"
+fi
+echo "=== summary ==="; grep -E "passed|failed" "$log" | tail -1
+exit $status

@@ -1,0 +1,161 @@
+"""Every GPU rung against the float64 reference, on a grid of awkward shapes.
+
+The bound is the flash-attention one: a kernel's error against float64 may be at most twice
+PyTorch's own low-precision error on the same inputs (matmuls in fp16/bf16, softmax in fp32),
+plus a small absolute term. Outputs are NaN-poisoned before each run (conftest.poisoned_call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flashcore
+from conftest import make_qkv, poisoned_call, rel_error, requires_cuda
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+RUNGS = [rung.name for rung in flashcore.ladder()]
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [32, 64, 80, 96, 128]
+SEQLENS = [(1, 1), (7, 7), (127, 127), (128, 128), (129, 129), (512, 512), (1000, 1000),
+           (1, 1000), (127, 513), (1000, 7), (129, 64)]
+ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+LSE_ATOL = 1e-3
+
+
+def check(rung, q, k, v, causal):
+    """Runs `rung` on poisoned memory and checks output and LSE against float64."""
+    backend = flashcore.backends.BACKENDS[rung]
+    reason = backend.why_not(q, k, v, causal)
+    if reason is not None:
+        pytest.skip(reason)
+    out, lse = poisoned_call(q, k, v, causal=causal, backend=rung, return_lse=True)
+    ref, ref_lse = flashcore.reference_attention(q, k, v, causal=causal, return_lse=True)
+    low_precision = flashcore.reference_attention(q, k, v, causal=causal, compute_dtype=q.dtype)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    bound = 2 * rel_error(low_precision, ref) + ATOL[q.dtype]
+    err = rel_error(out, ref)
+    assert err <= bound, f"{rung}: relative error {err:.2e} > bound {bound:.2e}"
+    # Rows that see no key have LSE -inf in both; everywhere else LSE must agree closely.
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert not lse.isnan().any()
+    lse_err = (lse[finite].double() - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    assert lse_err <= LSE_ATOL, f"{rung}: LSE error {lse_err:.2e}"
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"sq{s[0]}-sk{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_matches_reference(rung, dtype, dim, causal, seqlens):
+    q, k, v = make_qkv(2, 3, 3, *seqlens, dim, dtype=dtype, device="cuda")
+    check(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("heads", [(8, 2), (8, 1), (4, 4)], ids=["gqa8:2", "mqa8:1", "mha"])
+@pytest.mark.parametrize("seqlens", [(127, 127), (512, 512), (200, 1000)],
+                         ids=lambda s: f"sq{s[0]}-sk{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_gqa_and_strided_layouts(rung, dtype, causal, seqlens, heads, layout):
+    q, k, v = make_qkv(2, *heads, *seqlens, 64, dtype=dtype, device="cuda", layout=layout)
+    check(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_output_is_laid_out_like_q(rung):
+    q, k, v = make_qkv(1, 4, 4, 64, 64, 64, dtype=torch.float16, device="cuda", layout="bshd")
+    out = flashcore.attention(q, k, v, backend=rung)
+    assert out.stride() == q.stride()
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_rows_that_see_no_key_are_zero(rung):
+    """Causal with Sq > Sk: the first Sq − Sk queries see no key → output 0, LSE −inf."""
+    q, k, v = make_qkv(1, 2, 2, 100, 30, 64, dtype=torch.float16, device="cuda")
+    out, lse = poisoned_call(q, k, v, causal=True, backend=rung, return_lse=True)
+    assert torch.all(out[:, :, :70] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, :70]))
+    assert torch.isfinite(out[:, :, 70:]).all() and torch.isfinite(lse[:, :, 70:]).all()
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_no_keys_at_all(rung):
+    q, k, v = make_qkv(1, 2, 2, 5, 0, 64, dtype=torch.float16, device="cuda")
+    out, lse = poisoned_call(q, k, v, backend=rung, return_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_nan_propagates_to_the_rows_it_touches(rung):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device="cuda")
+    q[0, 0, 5, 3] = math.nan  # one query row of head 0
+    out = flashcore.attention(q, k, v, backend=rung)
+    assert out[0, 0, 5].isnan().all()
+    assert not out[0, 0, :5].isnan().any() and not out[0, 1].isnan().any()
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_custom_scale(rung):
+    q, k, v = make_qkv(1, 2, 2, 129, 129, 64, dtype=torch.float16, device="cuda")
+    out = flashcore.attention(q, k, v, scale=0.3, backend=rung)
+    ref = flashcore.reference_attention(q, k, v, scale=0.3)
+    low = flashcore.reference_attention(q, k, v, scale=0.3, compute_dtype=q.dtype)
+    assert rel_error(out, ref) <= 2 * rel_error(low, ref) + ATOL[q.dtype]
+
+
+def test_auto_picks_a_rung_and_falls_back():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device="cuda")
+    assert flashcore.api._select("auto", q, k, v, False, False).name == RUNGS[-1]
+    q80, k80, v80 = make_qkv(1, 2, 2, 64, 64, 80, dtype=torch.float16, device="cuda")
+    assert flashcore.api._select("auto", q80, k80, v80, False, False).name == "baseline"
+    out = flashcore.attention(q80, k80, v80)
+    assert rel_error(out, flashcore.reference_attention(q80, k80, v80)) < 2e-3
+
+
+def test_seed_build_form():
+    for rung in ("baseline", "wmma"):
+        ext = flashcore.build(rung)
+        q, k, v = make_qkv(1, 8, 8, 512, 512, 64, dtype=torch.float16, device="cuda")
+        out = ext.forward(q, k, v, 0.125)
+        ref = flashcore.reference_attention(q, k, v, scale=0.125)
+        assert rel_error(out, ref) < 2e-3
+
+
+def test_gradients_through_a_forward_only_rung_are_refused():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device="cuda")
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="no backward"):
+        flashcore.attention(q, k, v, backend="wmma")
+    with torch.no_grad():
+        flashcore.attention(q, k, v, backend="wmma")
+
+
+def test_unaligned_rows_fall_back_from_wmma():
+    base = torch.randn(1, 2, 64, 65, dtype=torch.float16, device="cuda")
+    q = base[..., 1:]  # 2-byte offset rows: fine for baseline, not for 16-byte vector loads
+    k, v = q.clone(), q.clone()
+    assert "16-byte" in flashcore.backends.BACKENDS["wmma"].why_not(q, k, v)
+    out = flashcore.attention(q, k, v)
+    assert rel_error(out, flashcore.reference_attention(q, k, v)) < 2e-3
+
+
+def test_cuda_graph_capture():
+    q, k, v = make_qkv(1, 8, 8, 512, 512, 64, dtype=torch.float16, device="cuda")
+    for rung in RUNGS:
+        flashcore.attention(q, k, v, backend=rung)  # warm up: build and load outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flashcore.attention(q, k, v, backend=rung)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        assert rel_error(out, flashcore.reference_attention(q, k, v)) < 2e-3
