@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import jit
-from .backends import AUTO_ORDER, BACKENDS, Backend, rows_16b_aligned
+from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend, rows_16b_aligned
 
 _NAMES = "(batch, heads, seq, head_dim)"
 _choices: dict[tuple, Backend] = {}
@@ -59,6 +59,8 @@ def attention(
 
 def _select(backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
     """The backend to run: memoised on everything a why_not answer depends on."""
+    if torch.compiler.is_compiling():  # traced once; data_ptr() has no meaning there
+        return _choose(backend, q, k, v, causal, needs_grad)
     key = (backend, q.device, q.dtype, q.shape[-1], causal, needs_grad, rows_16b_aligned(q, k, v))
     chosen = _choices.get(key)
     if chosen is None:
@@ -69,6 +71,8 @@ def _select(backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
 
 def _choose(backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
     if backend == "auto":
+        if q.device.type != "cuda":
+            return REFERENCE
         return next(b for b in AUTO_ORDER if b.why_not(q, k, v, causal, needs_grad) is None)
     chosen = BACKENDS.get(backend)
     if chosen is None:

@@ -7,6 +7,7 @@ take given inputs (None when it can); ``auto`` picks the fastest rung whose answ
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ class Backend:
         raise NotImplementedError
 
     def forward(self, q, k, v, scale: float, causal: bool, return_lse: bool):
-        """Returns (out, lse); lse is a float32 (B, H, Sq) tensor when return_lse, else empty."""
+        """Returns (out, lse); lse is the float32 (B, H, Sq) LSE when return_lse is true."""
         raise NotImplementedError
 
 
@@ -50,7 +51,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def rows_16b_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Data pointers 16-byte aligned and batch/head/sequence strides whole 16-byte multiples."""
+    """Data pointers 16-byte aligned and batch/head/sequence strides whole 16-byte multiples.
+
+    Unknown while torch.compile traces (fake tensors have no address): then False."""
+    if torch.compiler.is_compiling():
+        return False
     bits = q.data_ptr() | k.data_ptr() | v.data_ptr()
     for t in (q, k, v):
         size = t.element_size()
@@ -59,10 +64,44 @@ def rows_16b_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return bits & (_VEC_BYTES - 1) == 0
 
 
-class CudaRung(Backend):
-    """A CUDA C++ rung, built on first use (flashcore.jit) and called as a PyTorch op."""
+class GpuRung(Backend):
+    """A rung of the ladder: fp16/bf16 kernels for a set of head dims on sm_XY+ GPUs."""
 
     has_backward = False
+    needs_16b_rows = False
+    interpretable = False  # also runs on CPU tensors under TRITON_INTERPRET=1
+    head_dims: tuple[int, ...]
+    min_capability: tuple[int, int]
+
+    def why_not(self, q, k, v, causal=False, needs_grad=False):
+        name = repr(self.name)
+        interpreted = (self.interpretable and q.device.type == "cpu"
+                       and os.environ.get("TRITON_INTERPRET") == "1")
+        if q.device.type != "cuda" and not interpreted:
+            also = " (or CPU tensors under TRITON_INTERPRET=1)" if self.interpretable else ""
+            return f"backend {name} runs on CUDA tensors{also}, got {q.device.type} tensors"
+        if q.dtype not in _HALF_TYPES:
+            return f"backend {name} takes float16 or bfloat16, got {q.dtype}"
+        if q.shape[-1] not in self.head_dims:
+            dims = self.head_dims
+            steps = {b - a for a, b in zip(dims, dims[1:])}
+            listed = (f"{dims[0]} to {dims[-1]} in steps of {steps.pop()}"
+                      if len(dims) > 6 and len(steps) == 1 else ", ".join(map(str, dims)))
+            return f"backend {name} supports head dims {listed}, got {q.shape[-1]}"
+        if not interpreted and _capability(q.device) < self.min_capability:
+            have = "".join(map(str, _capability(q.device)))
+            return f"backend {name} needs an sm_{''.join(map(str, self.min_capability))}+ GPU, this one is sm_{have}"
+        if self.needs_16b_rows and not rows_16b_aligned(q, k, v):
+            return (f"backend {name} needs 16-byte aligned rows (data pointers 16-byte "
+                    "aligned, batch/head/sequence strides multiples of 8 elements)")
+        if needs_grad and not self.has_backward:
+            return (f"backend {name} has no backward; call it under torch.no_grad() or "
+                    "use a backend with a backward (backend='triton' or 'reference')")
+        return None
+
+
+class CudaRung(GpuRung):
+    """A CUDA C++ rung, built on first use (flashcore.jit) and called as a PyTorch op."""
 
     def __init__(self, name: str, head_dims: tuple[int, ...], min_capability: tuple[int, int],
                  needs_16b_rows: bool):
@@ -70,25 +109,6 @@ class CudaRung(Backend):
         self.head_dims = head_dims
         self.min_capability = min_capability
         self.needs_16b_rows = needs_16b_rows
-
-    def why_not(self, q, k, v, causal=False, needs_grad=False):
-        if q.device.type != "cuda":
-            return f"backend {self.name!r} runs on CUDA tensors, got {q.device.type} tensors"
-        if q.dtype not in _HALF_TYPES:
-            return f"backend {self.name!r} takes float16 or bfloat16, got {q.dtype}"
-        if q.shape[-1] not in self.head_dims:
-            dims = ", ".join(map(str, self.head_dims))
-            return f"backend {self.name!r} supports head dims {dims}, got {q.shape[-1]}"
-        if _capability(q.device) < self.min_capability:
-            need = "sm_{}{}".format(*self.min_capability)
-            return f"backend {self.name!r} needs a {need}+ GPU, this one is sm_{''.join(map(str, _capability(q.device)))}"
-        if self.needs_16b_rows and not rows_16b_aligned(q, k, v):
-            return (f"backend {self.name!r} needs 16-byte aligned rows (data pointers 16-byte "
-                    "aligned, batch/head/sequence strides multiples of 8 elements)")
-        if needs_grad:
-            return (f"backend {self.name!r} has no backward; call it under torch.no_grad() or "
-                    "use a backend with a backward (backend='reference')")
-        return None
 
     @functools.cached_property
     def op(self):
@@ -100,17 +120,38 @@ class CudaRung(Backend):
         return self.op(q, k, v, scale, causal, return_lse)
 
 
+class TritonRung(GpuRung):
+    """Fused FlashAttention-2 in Triton, forward and backward (flashcore/triton_rung.py)."""
+
+    name = "triton"
+    has_backward = True
+    interpretable = True
+    head_dims = tuple(range(32, 257, 8))
+    min_capability = (8, 0)
+
+    @functools.cached_property
+    def op(self):
+        """torch.ops.flashcore.triton_fwd (importing the module registers it and its autograd)."""
+        from . import triton_rung
+
+        return triton_rung.triton_fwd
+
+    def forward(self, q, k, v, scale, causal, return_lse):
+        return self.op(q, k, v, scale, causal)
+
+
 # The ladder, slowest rung first. `auto` tries it fastest first, then the reference.
-_LADDER: tuple[CudaRung, ...] = (
+_LADDER: tuple[Backend, ...] = (
     CudaRung("baseline", head_dims=(32, 64, 80, 96, 128), min_capability=(7, 0),
              needs_16b_rows=False),
     CudaRung("wmma", head_dims=(64, 128), min_capability=(8, 0), needs_16b_rows=True),
+    TritonRung(),
 )
 REFERENCE = Reference()
 BACKENDS: dict[str, Backend] = {b.name: b for b in (*_LADDER, REFERENCE)}
 AUTO_ORDER: tuple[Backend, ...] = (*reversed(_LADDER), REFERENCE)
 
 
-def ladder() -> list[CudaRung]:
+def ladder() -> list[Backend]:
     """The GPU rungs in ladder order (baseline first)."""
     return list(_LADDER)

@@ -8,10 +8,15 @@ import random
 import pytest
 import torch
 
-import flashcore
+CUDA = torch.cuda.is_available()
+if not CUDA:  # no GPU (CI): the Triton rung's kernels run under Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import flashcore  # noqa: E402
 
 SEED = int(os.environ.get("FLASHCORE_TEST_SEED", random.randrange(2**31)))
-CUDA = torch.cuda.is_available()
+ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+LSE_ATOL = 1e-3
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
@@ -61,3 +66,61 @@ def poisoned_call(q, k, v, **kwargs):
     assert out.data_ptr() == poisoned[0], "the output did not land in the poisoned block"
     assert lse is None or lse.data_ptr() == poisoned[1], "the LSE did not land in the poisoned block"
     return result
+
+
+def check_forward(rung, q, k, v, causal):
+    """Runs `rung` on poisoned memory; output and LSE must match float64 within the bound.
+
+    The bound is flash-attention's: at most twice PyTorch's own low-precision error on the same
+    inputs (matmuls in fp16/bf16, softmax in fp32) plus a small absolute term.
+    """
+    reason = flashcore.backends.BACKENDS[rung].why_not(q, k, v, causal)
+    if reason is not None:
+        pytest.skip(reason)
+    out, lse = poisoned_call(q, k, v, causal=causal, backend=rung, return_lse=True)
+    ref, ref_lse = flashcore.reference_attention(q, k, v, causal=causal, return_lse=True)
+    low_precision = flashcore.reference_attention(q, k, v, causal=causal, compute_dtype=q.dtype)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    bound = 2 * rel_error(low_precision, ref) + ATOL[q.dtype]
+    err = rel_error(out, ref)
+    assert err <= bound, f"{rung}: relative error {err:.2e} > bound {bound:.2e}"
+    # Rows that see no key have LSE -inf in both; everywhere else LSE must agree closely.
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert not lse.isnan().any()
+    finite = torch.isfinite(ref_lse)
+    lse_err = (lse[finite].double() - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    assert lse_err <= LSE_ATOL, f"{rung}: LSE error {lse_err:.2e}"
+
+
+def check_backward(rung, q, k, v, causal):
+    """dQ, dK, dV of loss = Σ out·dO + Σ lse·dLSE against float64 autograd, same bound.
+
+    The LSE term is left out where some row sees no key (its LSE is -inf; the reference's
+    gradient there is NaN by definition, the kernel's 0)."""
+    with_lse = not (causal and q.shape[2] > k.shape[2])
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], device=q.device) if with_lse else None
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        loss = (out * dout.to(out.dtype)).sum()
+        if with_lse:
+            loss = loss + (lse * dlse.to(lse.dtype)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def reference(dtype):
+        return lambda q, k, v: flashcore.reference_attention(
+            q, k, v, causal=causal, return_lse=True, compute_dtype=dtype)
+
+    got = grads(lambda q, k, v: flashcore.attention(q, k, v, causal=causal, backend=rung,
+                                                    return_lse=True), q.dtype)
+    ref = grads(reference(torch.float64), torch.float64)
+    low = grads(reference(q.dtype), q.dtype)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+        assert g.shape == r.shape and g.dtype == q.dtype
+        bound = 2 * rel_error(lo, r) + ATOL[q.dtype]
+        err = rel_error(g, r)
+        assert err <= bound, f"{rung} {name}: relative error {err:.2e} > bound {bound:.2e}"

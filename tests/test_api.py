@@ -56,7 +56,8 @@ def test_mismatched_devices_are_named():
 
 
 @pytest.mark.parametrize("rung", [rung.name for rung in flashcore.ladder()])
-def test_gpu_rung_on_cpu_tensors_says_why(rung):
+def test_gpu_rung_on_cpu_tensors_says_why(rung, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=f"backend '{rung}' runs on CUDA tensors"):
         flashcore.attention(*qkv(dtype=torch.float16), backend=rung)
 
@@ -72,6 +73,7 @@ class FakeCudaTensor:
     ("wmma", 96, torch.float16, "supports head dims 64, 128, got 96"),
     ("baseline", 48, torch.bfloat16, "supports head dims 32, 64, 80, 96, 128, got 48"),
     ("wmma", 64, torch.float32, "takes float16 or bfloat16, got torch.float32"),
+    ("triton", 20, torch.float16, "supports head dims 32 to 256 in steps of 8, got 20"),
 ])
 def test_rung_limits_are_explained(rung, dim, dtype, match):
     t = FakeCudaTensor(dtype, dim)

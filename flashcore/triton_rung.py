@@ -1,0 +1,403 @@
+"""FlashCore Phase 2 — `triton`: fused FlashAttention-2 forward and backward in Triton.
+
+What it adds over `wmma`: register-resident tiles (Triton lays fragments out itself, so the
+running output is rescaled in registers, not shared memory), software pipelining of the K/V
+loads (num_stages), tile shapes autotuned per (head dim, causal, dtype, problem size), and a
+backward pass. One program per (query tile, batch·head); K/V tiles streamed; online softmax
+with exp2 and scale·log2(e) folded into one multiply; the causal loop split into an unmasked
+part that pays no mask cost and a masked diagonal part.
+
+Backward: Δ = rowsum(dO∘O) − dLSE (so gradients through the returned LSE are exact), then one
+kernel per K/V tile accumulating dK, dV over every query head of its GQA group (no atomics, no
+expanded K/V: deterministic, bit-identical run to run), and one kernel per query tile for dQ.
+Extra memory: LSE and Δ (B·H·Sq floats each); dQ accumulates in registers.
+
+Limits: head dims 32..256 in steps of 8 (tiles padded to a power of two internally), fp16/bf16,
+any S, Sq ≠ Sk (bottom-right causal), GQA/MQA, any strides with unit last stride, 64-bit
+offsets. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one fixed config).
+
+Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench.
+Measured: see README and docs/notes.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HEAD_DIMS = tuple(range(32, 257, 8))
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates. Each is compiled per head dim, causal and
+    dtype, so the lists are short; 64-row tiles are there for grids that 128 rows can't fill."""
+    if INTERPRET:  # the interpreter runs one config; tuning it would only cost CPU time
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in candidates]
+
+
+def _fits_head_dim(configs, named_args, **kwargs):
+    """Above head dim 128, 128×128 tiles do not fit: keep tiles of at most 64×128 elements."""
+    small = [c for c in configs if kwargs["BLOCK_D"] <= 128
+             or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    return small or configs[-1:]
+
+
+_tuning = dict(key=["HEAD_DIM", "CAUSAL", "size_class"], cache_results=True,
+               prune_configs_by={"early_config_prune": _fits_head_dim})
+
+
+def _size_class(*dims: int) -> int:
+    """A coarse problem size for autotuning keys: retune per power of two, not per shape."""
+    return math.prod(dims).bit_length()
+
+
+# ---- matrix products --------------------------------------------------------------------------
+# Under the interpreter tl.dot on bf16 operands returns garbage (numpy has no bf16; seen with
+# Triton 3.6.0: a 16×16 bf16 product off by 2e10), so there the operands go through exact
+# fp32 copies: the same math as the GPU's fp16/bf16 MMA with fp32 accumulation.
+if INTERPRET:
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+else:
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a, b, acc)
+
+
+# ---- forward ----------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, start, end,
+               seqlen_k, causal_offset, scale_log2, dim_ok,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Online softmax over key tiles [start, end). MASKED tiles check key bounds and causality."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = dim_ok[:, None]
+        if MASKED:
+            kv_mask = kv_mask & (cols[None, :] < seqlen_k)
+        if MASKED or not EVEN_D:
+            k_t = tl.load(k_ptrs + start_n * stride_ks, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=tl.trans(kv_mask), other=0.0)
+        else:
+            k_t = tl.load(k_ptrs + start_n * stride_ks)
+            v = tl.load(v_ptrs + start_n * stride_vs)
+        s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale_log2
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.math.exp2(s - shift[:, None])
+        alpha = tl.math.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)), **_tuning)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                heads_q, group, seqlen_q, seqlen_k, scale_log2, size_class,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    stride_ks = stride_ks.to(tl.int64)  # start_n * stride can pass 2**31 on long sequences
+    stride_vs = stride_vs.to(tl.int64)
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = (bh % heads_q).to(tl.int64)
+    hk = h // group
+    m0 = tile * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_ok = rows < seqlen_q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_ptrs = (K + b * stride_kb + hk * stride_kh + tl.arange(0, BLOCK_N)[None, :] * stride_ks
+              + dims[:, None])
+    v_ptrs = (V + b * stride_vb + hk * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vs
+              + dims[None, :])
+
+    # Keys [0, full) are visible to every row of the tile; [full, end) need the mask.
+    causal_offset = seqlen_k - seqlen_q
+    if CAUSAL:
+        end = tl.minimum(seqlen_k, m0 + BLOCK_M + causal_offset)
+        full = tl.maximum(0, tl.minimum(seqlen_k, m0 + 1 + causal_offset)) // BLOCK_N * BLOCK_N
+    else:
+        end = seqlen_k
+        full = seqlen_k // BLOCK_N * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                               0, full, seqlen_k, causal_offset, scale_log2, dim_ok,
+                               BLOCK_M, BLOCK_N, CAUSAL, False, HEAD_DIM == BLOCK_D)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                               full, end, seqlen_k, causal_offset, scale_log2, dim_ok,
+                               BLOCK_M, BLOCK_N, CAUSAL, True, HEAD_DIM == BLOCK_D)
+
+    # Rows that saw no key: l = 0 → output 0, LSE -inf. A NaN sum stays NaN.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os + dims[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, Delta,
+                      stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
+                      heads_q, seqlen_q,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ = rowsum(dO ∘ O) − dLSE, the per-row term of dS = P ∘ (dP − Δ)."""
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = (bh % heads_q).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seqlen_q) & (dims[None, :] < HEAD_DIM)
+    r64 = rows[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_os + dims[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[None, :], mask=mask,
+                 other=0.0)
+    at = bh.to(tl.int64) * seqlen_q + rows
+    dlse = tl.load(DLSE + at, mask=rows < seqlen_q, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+    tl.store(Delta + at, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k, causal_offset,
+                     scale_log2, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Pᵀ (keys × queries) recomputed from the forward's LSE; 0 where masked or padded."""
+    s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale_log2
+    p_t = tl.math.exp2(s_t - lse_log2[None, :])
+    visible = (cols[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
+    if CAUSAL:
+        visible = visible & (cols[:, None] <= rows[None, :] + causal_offset)
+    return tl.where(visible, p_t, 0.0)
+
+
+@triton.jit
+def _load_lse_log2(LSE, at, row_ok):
+    """LSE in log2 units; -inf (a row that saw no key) becomes +inf so its P is exactly 0."""
+    lse = tl.load(LSE + at, mask=row_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.autotune(configs=_configs((64, 128, 8, 2), (32, 64, 4, 2)), **_tuning)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
+                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                     stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
+                     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                     heads_q, heads_kv, group, seqlen_q, seqlen_k, scale, scale_log2, size_class,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bhk = tl.program_id(1)
+    b = (bhk // heads_kv).to(tl.int64)
+    hk = (bhk % heads_kv).to(tl.int64)
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < seqlen_k) & (dims[None, :] < HEAD_DIM)
+    c64 = cols[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + c64 * stride_ks + dims[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + c64 * stride_vs + dims[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    causal_offset = seqlen_k - seqlen_q
+    start_m = 0
+    if CAUSAL:  # the first query row that sees key n0
+        start_m = tl.maximum(0, n0 - causal_offset) // BLOCK_M * BLOCK_M
+    for g in range(0, group):  # every query head of this K/V head: summed here, no atomics
+        h = hk * group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        row_base = (b * heads_q + h) * seqlen_q
+        for m0 in range(start_m, seqlen_q, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen_q
+            r64 = rows[None, :].to(tl.int64)
+            qd_mask = row_ok[None, :] & (dims[:, None] < HEAD_DIM)
+            q_t = tl.load(q_base + r64 * stride_qs + dims[:, None], mask=qd_mask, other=0.0)
+            do_t = tl.load(do_base + r64 * stride_ds + dims[:, None], mask=qd_mask, other=0.0)
+            lse_log2 = _load_lse_log2(LSE, row_base + rows, row_ok)
+            p_t = _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k,
+                                   causal_offset, scale_log2, CAUSAL, BLOCK_M, BLOCK_N)
+            dv = _dot(p_t.to(do_t.dtype), tl.trans(do_t), dv)
+            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
+            ds_t = p_t * (_dot(v, do_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) - delta[None, :])
+            dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
+
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + c64 * stride_dks + dims[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + c64 * stride_dvs + dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs((128, 64, 8, 2), (64, 32, 4, 2)), **_tuning)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
+                   stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                   stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
+                   stride_dqb, stride_dqh, stride_dqs,
+                   heads_q, group, seqlen_q, seqlen_k, scale, scale_log2, size_class,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = (bh % heads_q).to(tl.int64)
+    hk = h // group
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    dims = tl.arange(0, BLOCK_D)
+    qd_mask = row_ok[None, :] & (dims[:, None] < HEAD_DIM)
+    r64 = rows[None, :].to(tl.int64)
+    q_t = tl.load(Q + b * stride_qb + h * stride_qh + r64 * stride_qs + dims[:, None],
+                  mask=qd_mask, other=0.0)
+    do_t = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[:, None],
+                   mask=qd_mask, other=0.0)
+    row_at = bh.to(tl.int64) * seqlen_q + rows
+    lse_log2 = _load_lse_log2(LSE, row_at, row_ok)
+    delta = tl.load(Delta + row_at, mask=row_ok, other=0.0)
+    dq_t = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+
+    causal_offset = seqlen_k - seqlen_q
+    end = seqlen_k
+    if CAUSAL:
+        end = tl.minimum(seqlen_k, m0 + BLOCK_M + causal_offset)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for n0 in range(0, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        c64 = cols[:, None].to(tl.int64)
+        kv_mask = (cols[:, None] < seqlen_k) & (dims[None, :] < HEAD_DIM)
+        k = tl.load(k_base + c64 * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + c64 * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        p_t = _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k, causal_offset,
+                               scale_log2, CAUSAL, BLOCK_M, BLOCK_N)
+        ds_t = p_t * (_dot(v, do_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) - delta[None, :])
+        dq_t = _dot(tl.trans(k), ds_t.to(k.dtype), dq_t)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + r64 * stride_dqs + dims[:, None],
+             (dq_t * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ---- launchers --------------------------------------------------------------------------------
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _head_block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads_q, seqlen_q, dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E,
+        _size_class(batch * heads_q, seqlen_q, seqlen_k),
+        HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
+    batch, heads_q, seqlen_q, dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    block_d, size_class = _head_block(dim), _size_class(batch * heads_q, seqlen_q, seqlen_k)
+    _bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * heads_q)](
+        out, do, dlse, delta, *_strides(out), *_strides(do), heads_q, seqlen_q,
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
+        q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
+        size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
+        q, k, v, do, lse, delta, dq, *common, *_strides(dq),
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
+        size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+    return dq, dk, dv
+
+
+# ---- PyTorch custom ops: torch.compile traces them, autograd differentiates them ---------------
+
+@torch.library.custom_op("flashcore::triton_fwd", mutates_args=())
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(q, k, v, scale, causal)
+
+
+@triton_fwd.register_fake
+def _(q, k, v, scale, causal):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("flashcore::triton_bwd", mutates_args=())
+def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor, scale: float,
+               causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(do, q, k, v, out, lse, dlse, scale, causal)
+
+
+@triton_bwd.register_fake
+def _(do, q, k, v, out, lse, dlse, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv = triton_bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,56 @@
+"""The Triton rung's real kernels, forward and backward, run by Triton's CPU interpreter.
+
+This is how CI checks the Triton kernels without a GPU (conftest sets TRITON_INTERPRET=1
+there). On a GPU machine these are skipped: tests/test_correctness.py checks the same rung at
+full size with the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import flashcore
+from conftest import CUDA, check_backward, check_forward, make_qkv
+
+pytestmark = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU interpreter check; with a GPU the compiled kernels "
+                                       "are checked by test_correctness.py")
+
+SHAPES = [  # batch, heads_q, heads_kv, seqlen_q, seqlen_k
+    (1, 2, 2, 1, 1), (2, 2, 2, 7, 7), (1, 4, 2, 33, 47), (1, 4, 1, 47, 33), (1, 2, 2, 64, 64)]
+shape_ids = ["b{}h{}:{}-sq{}-sk{}".format(*s) for s in SHAPES]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", [40, 64, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_forward_matches_reference(dtype, dim, causal, shape):
+    q, k, v = make_qkv(*shape, dim, dtype=dtype, device="cpu")
+    check_forward("triton", q, k, v, causal)
+
+
+@pytest.mark.parametrize("shape", SHAPES[2:], ids=shape_ids[2:])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gradients_match_reference(dtype, causal, shape):
+    q, k, v = make_qkv(*shape, 40, dtype=dtype, device="cpu")
+    check_backward("triton", q, k, v, causal)
+
+
+def test_strided_bshd_views():
+    q, k, v = make_qkv(1, 4, 2, 20, 36, 64, dtype=torch.float16, device="cpu", layout="bshd")
+    check_forward("triton", q, k, v, True)
+    check_backward("triton", q, k, v, True)
+
+
+def test_backward_is_deterministic():
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 1, 40, 40, 32, dtype=torch.float16,
+                                                      device="cpu"))
+    dout = torch.randn_like(q)
+    first, second = (torch.autograd.grad(flashcore.attention(q, k, v, backend="triton"),
+                                         (q, k, v), dout) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
