@@ -53,8 +53,9 @@ def main() -> int:
         "SDPA (PyTorch)": lambda: F.scaled_dot_product_attention(q, k, v),
     }
     for rung in flashcore.ladder():
-        stages[f"torch.ops.flashcore.{rung.name}_fwd"] = (
-            lambda op=rung.op: op(q, k, v, 0.125, False, False))
+        if hasattr(rung, "op"):  # the CUDA rungs' bare TORCH_LIBRARY op
+            stages[f"torch.ops.flashcore.{rung.name}_fwd"] = (
+                lambda op=rung.op: op(q, k, v, 0.125, False, False))
         stages[f"flashcore.attention(backend={rung.name!r})"] = (
             lambda name=rung.name: flashcore.attention(q, k, v, backend=name))
     stages["flashcore.attention() (auto)"] = lambda: flashcore.attention(q, k, v)

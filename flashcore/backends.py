@@ -130,14 +130,19 @@ class TritonRung(GpuRung):
     min_capability = (8, 0)
 
     @functools.cached_property
-    def op(self):
-        """torch.ops.flashcore.triton_fwd (importing the module registers it and its autograd)."""
+    def module(self):
+        """flashcore.triton_rung, imported on first use (it registers flashcore::triton_fwd)."""
         from . import triton_rung
 
-        return triton_rung.triton_fwd
+        return triton_rung
 
     def forward(self, q, k, v, scale, causal, return_lse):
-        return self.op(q, k, v, scale, causal)
+        # The custom op is what autograd and torch.compile see; a plain inference call skips
+        # its dispatch layer and launches directly (host time matters at small shapes).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad)):
+            return self.module.triton_fwd(q, k, v, scale, causal)
+        return self.module.forward(q, k, v, scale, causal)
 
 
 # The ladder, slowest rung first. `auto` tries it fastest first, then the reference.

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("FLASHCORE_TRITON_AUTOTUNE", "1") != "0"  # 0: first config, no tuning
 HEAD_DIMS = tuple(range(32, 257, 8))
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -41,7 +42,7 @@ def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs one config; tuning it would only cost CPU time
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in candidates]
+            for m, n, w, s in (candidates if AUTOTUNE else candidates[:1])]
 
 
 def _fits_head_dim(configs, named_args, **kwargs):
