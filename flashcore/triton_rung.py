@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = os.environ.get("FLASHCORE_TRITON_AUTOTUNE", "1") != "0"  # 0: first config, no tuning
+AUTOTUNE = os.environ.get("FLASHCORE_TRITON_AUTOTUNE", "1") != "0"  # 0: first fitting config
 HEAD_DIMS = tuple(range(32, 257, 8))
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -42,18 +42,28 @@ def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs one config; tuning it would only cost CPU time
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in (candidates if AUTOTUNE else candidates[:1])]
+            for m, n, w, s in candidates]
 
 
-def _fits_head_dim(configs, named_args, **kwargs):
-    """Above head dim 128, 128×128 tiles do not fit: keep tiles of at most 64×128 elements."""
-    small = [c for c in configs if kwargs["BLOCK_D"] <= 128
-             or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    return small or configs[-1:]
+_SMEM_BUDGET = 200 * 1024  # bytes, under the H100's 227 KB per CTA with room for Triton's own
 
 
-_tuning = dict(key=["HEAD_DIM", "CAUSAL", "size_class"], cache_results=True,
-               prune_configs_by={"early_config_prune": _fits_head_dim})
+def _tuning(pipelined: str, resident: str, resident_tiles: int) -> dict:
+    """Autotuning settings: configs whose shared memory cannot fit this head dim are pruned first
+    (estimate: `pipelined` K/V-like tiles × stages, plus `resident_tiles` tiles held throughout),
+    then all are timed, or with FLASHCORE_TRITON_AUTOTUNE=0 the first that fits is taken."""
+
+    def smem_bytes(config, head_block):
+        return 2 * head_block * (config.num_stages * 2 * config.kwargs[pipelined]
+                                 + resident_tiles * config.kwargs[resident])
+
+    def prune(configs, named_args, **kwargs):
+        fits = [c for c in configs if smem_bytes(c, kwargs["BLOCK_D"]) <= _SMEM_BUDGET]
+        fits = fits or [min(configs, key=lambda c: smem_bytes(c, kwargs["BLOCK_D"]))]
+        return fits if AUTOTUNE else fits[:1]
+
+    return dict(key=["HEAD_DIM", "CAUSAL", "size_class"], cache_results=True,
+                prune_configs_by={"early_config_prune": prune})
 
 
 def _size_class(*dims: int) -> int:
@@ -110,7 +120,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, sta
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)), **_tuning)
+@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                                  (64, 32, 4, 2)), **_tuning("BLOCK_N", "BLOCK_M", 1))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -209,7 +220,8 @@ def _load_lse_log2(LSE, at, row_ok):
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
-@triton.autotune(configs=_configs((64, 128, 8, 2), (32, 64, 4, 2)), **_tuning)
+@triton.autotune(configs=_configs((64, 128, 8, 2), (32, 64, 4, 2)),
+                 **_tuning("BLOCK_M", "BLOCK_N", 2))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -263,7 +275,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs((128, 64, 8, 2), (64, 32, 4, 2)), **_tuning)
+@triton.autotune(configs=_configs((128, 64, 8, 2), (64, 32, 4, 2)),
+                 **_tuning("BLOCK_N", "BLOCK_M", 2))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,

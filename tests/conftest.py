@@ -56,6 +56,7 @@ def poisoned_call(q, k, v, **kwargs):
     """
     if not q.is_cuda:
         return flashcore.attention(q, k, v, **kwargs)
+    flashcore.attention(q, k, v, **kwargs)  # first calls allocate while initialising: not here
     torch.cuda.empty_cache()
     poison = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     lse_poison = torch.full(q.shape[:3], float("nan"), device=q.device)
