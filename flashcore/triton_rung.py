@@ -181,7 +181,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
 def _bwd_delta_kernel(O, DO, DLSE, Delta,
                       stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
                       heads_q, seqlen_q,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HAS_DLSE: tl.constexpr):
     """Δ = rowsum(dO ∘ O) − dLSE, the per-row term of dS = P ∘ (dP − Δ)."""
     bh = tl.program_id(1)
     b = (bh // heads_q).to(tl.int64)
@@ -195,8 +196,9 @@ def _bwd_delta_kernel(O, DO, DLSE, Delta,
     do = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[None, :], mask=mask,
                  other=0.0)
     at = bh.to(tl.int64) * seqlen_q + rows
-    dlse = tl.load(DLSE + at, mask=rows < seqlen_q, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:  # the LSE was used downstream
+        delta -= tl.load(DLSE + at, mask=rows < seqlen_q, other=0.0)
     tl.store(Delta + at, delta, mask=rows < seqlen_q)
 
 
@@ -327,6 +329,29 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
 
 # ---- launchers --------------------------------------------------------------------------------
 
+class _Tuned:
+    """Calls an autotuned kernel: through the autotuner once per tuning key (it tunes, or reads
+    the persisted choice), then straight into the JIT function with the chosen config, skipping
+    the autotuner's per-call rebuilding of its key from every argument (host time)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.chosen: dict[tuple, dict] = {}
+
+    def __call__(self, grid, key: tuple, *args, **constexprs):
+        config = self.chosen.get(key)
+        if config is None:
+            self.kernel[grid](*args, **constexprs)
+            self.chosen[key] = self.kernel.best_config.all_kwargs()
+        else:
+            self.kernel.fn.run(*args, grid=grid, warmup=False, **constexprs, **config)
+
+
+_fwd = _Tuned(_fwd_kernel)
+_bwd_dkdv = _Tuned(_bwd_dkdv_kernel)
+_bwd_dq = _Tuned(_bwd_dq_kernel)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -342,12 +367,12 @@ def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E,
-        _size_class(batch * heads_q, seqlen_q, seqlen_k),
-        HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal)
+    size_class = _size_class(batch * heads_q, seqlen_q, seqlen_k)
+    _fwd(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
+         (dim, causal, size_class, q.dtype),
+         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E, size_class,
+         HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal)
     return out, lse
 
 
@@ -362,16 +387,17 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
     block_d, size_class = _head_block(dim), _size_class(batch * heads_q, seqlen_q, seqlen_k)
     _bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * heads_q)](
         out, do, dlse, delta, *_strides(out), *_strides(do), heads_q, seqlen_q,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64)
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse.numel() > 0)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
-        q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-        heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
-        size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
-        q, k, v, do, lse, delta, dq, *common, *_strides(dq),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
-        size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+    key = (dim, causal, size_class, q.dtype)
+    _bwd_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
+              q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+              heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
+              size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+    _bwd_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
+            q, k, v, do, lse, delta, dq, *common, *_strides(dq),
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
+            size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
     return dq, dk, dv
 
 
@@ -405,11 +431,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal = scale, causal
+    ctx.set_materialize_grads(False)  # an unused LSE costs no zero-filled (B, H, Sq) gradient
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dout = torch.zeros_like(out) if dout is None else dout
+    # .sum() losses hand over expanded (stride-0) gradients: the kernels index dLSE densely.
+    dlse = lse.new_empty(0) if dlse is None else dlse.contiguous()  # empty: Δ skips dLSE
     dq, dk, dv = triton_bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import flashcore
-from conftest import (ATOL, check_backward, check_forward, make_qkv, poisoned_call, rel_error,
-                      requires_cuda)
+from conftest import (ATOL, check_backward, check_forward, check_sum_loss_gradients, make_qkv,
+                      poisoned_call, rel_error, requires_cuda)
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -147,6 +147,12 @@ def test_gradients_match_reference(rung, dtype, dim, causal, shape, layout):
     b, hq, hkv, sq, sk = shape
     q, k, v = make_qkv(b, hq, hkv, sq, sk, dim, dtype=dtype, device="cuda", layout=layout)
     check_backward(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("rung", TRAINABLE)
+def test_gradients_of_sum_losses(rung):
+    check_sum_loss_gradients(rung, *make_qkv(2, 4, 2, 300, 200, 64, dtype=torch.float16,
+                                             device="cuda"))
 
 
 @pytest.mark.parametrize("rung", TRAINABLE)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashcore
-from conftest import CUDA, check_backward, check_forward, make_qkv
+from conftest import CUDA, check_backward, check_forward, check_sum_loss_gradients, make_qkv
 
 pytestmark = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter check; with a GPU the compiled kernels "
@@ -54,3 +54,7 @@ def test_backward_is_deterministic():
     first, second = (torch.autograd.grad(flashcore.attention(q, k, v, backend="triton"),
                                          (q, k, v), dout) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gradients_of_sum_losses():
+    check_sum_loss_gradients("triton", *make_qkv(1, 2, 1, 16, 24, 32, dtype=torch.float16, device="cpu"))
