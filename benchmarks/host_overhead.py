@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,20 +22,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flashcore  # noqa: E402
 from flashcore import api  # noqa: E402
-
-CALLS, WARMUP = 5000, 500
-
-
-def per_call_us(fn) -> float:
-    for _ in range(WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / CALLS * 1e6
-
+from flashcore.bench import loop_us  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,7 +46,7 @@ def main() -> int:
             lambda name=rung.name: flashcore.attention(q, k, v, backend=name))
     stages["flashcore.attention() (auto)"] = lambda: flashcore.attention(q, k, v)
     for name, fn in stages.items():
-        table.add_row(name, f"{per_call_us(fn):.2f}")
+        table.add_row(name, f"{loop_us(fn):.2f}")
     Console().print(table)
     return 0
 

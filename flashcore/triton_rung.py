@@ -16,8 +16,11 @@ Limits: head dims 32..256 in steps of 8 (tiles padded to a power of two internal
 any S, Sq ≠ Sk (bottom-right causal), GQA/MQA, any strides with unit last stride, 64-bit
 offsets. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one fixed config).
 
-Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench.
-Measured: see README and docs/notes.md.
+Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench;
+inspect the generated code offline: python benchmarks/inspect_triton.py.
+Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.1–10.2); forward sweep
+216–441 TFLOP/s = 0.64–0.95× cuDNN; fwd+bwd 1.00–1.17× FA2 at S=1k, 0.87–0.99× at 4k–16k,
+peak memory equal to FA2's. What limits it and what comes next: docs/notes.md.
 """
 
 from __future__ import annotations
