@@ -37,8 +37,9 @@ def attention(
             sees no key (Sq > Sk) gets a zero output row and LSE = -inf, never NaN.
         scale: softmax scale; defaults to 1/sqrt(D).
         backend: "auto" (the fastest rung that supports the inputs on this device; the
-            reference on CPU), a rung ("baseline", "wmma"), or "reference" (float64 PyTorch
-            math, any device and float dtype, differentiable).
+            reference on CPU), a rung ("baseline", "wmma", "triton"), or "reference" (float64
+            PyTorch math, any device and float dtype). "triton" and "reference" are
+            differentiable; asking for gradients through a forward-only rung raises.
         return_lse: also return the natural-log log-sum-exp of each row, (B, Hq, Sq) float32.
 
     Returns:
