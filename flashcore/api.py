@@ -54,7 +54,7 @@ def attention(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = _select(backend, q, k, v, causal, needs_grad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = chosen.forward(q, k, v, scale, causal, return_lse)
+    out, lse = chosen.forward(q, k, v, scale, causal, return_lse, needs_grad)
     return (out, lse) if return_lse else out
 
 

@@ -25,8 +25,9 @@ class Backend:
     def why_not(self, q, k, v, causal: bool = False, needs_grad: bool = False) -> str | None:
         raise NotImplementedError
 
-    def forward(self, q, k, v, scale: float, causal: bool, return_lse: bool):
-        """Returns (out, lse); lse is the float32 (B, H, Sq) LSE when return_lse is true."""
+    def forward(self, q, k, v, scale: float, causal: bool, return_lse: bool, needs_grad: bool):
+        """Returns (out, lse); lse is the float32 (B, H, Sq) LSE when return_lse is true.
+        needs_grad: autograd will differentiate the call (only backends with a backward)."""
         raise NotImplementedError
 
 
@@ -39,7 +40,7 @@ class Reference(Backend):
     def why_not(self, q, k, v, causal=False, needs_grad=False):
         return None
 
-    def forward(self, q, k, v, scale, causal, return_lse):
+    def forward(self, q, k, v, scale, causal, return_lse, needs_grad):
         out, lse = reference_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
         lse = lse.float() if return_lse else lse.new_empty(0, dtype=torch.float32)
         return out.to(q.dtype), lse
@@ -116,7 +117,7 @@ class CudaRung(GpuRung):
         jit.load(self.name)
         return getattr(torch.ops.flashcore, f"{self.name}_fwd").default
 
-    def forward(self, q, k, v, scale, causal, return_lse):
+    def forward(self, q, k, v, scale, causal, return_lse, needs_grad):
         return self.op(q, k, v, scale, causal, return_lse)
 
 
@@ -136,11 +137,10 @@ class TritonRung(GpuRung):
 
         return triton_rung
 
-    def forward(self, q, k, v, scale, causal, return_lse):
+    def forward(self, q, k, v, scale, causal, return_lse, needs_grad):
         # The custom op is what autograd and torch.compile see; a plain inference call skips
         # its dispatch layer and launches directly (host time matters at small shapes).
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad)):
+        if needs_grad or torch.compiler.is_compiling():
             return self.module.triton_fwd(q, k, v, scale, causal)
         return self.module.forward(q, k, v, scale, causal)
 
