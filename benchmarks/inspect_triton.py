@@ -22,7 +22,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashcore import triton_rung  # noqa: E402
 
-WATCH = ("cp.async", "ld.global", "st.global", "wgmma.mma", "mma.sync", "ld.shared", "mbarrier")
+WATCH = ("cp.async", "ld.global", "st.global", "wgmma.mma", "mma.sync", "ld.shared", "mbarrier",
+         "tensormap")
 
 
 def main() -> int:
@@ -31,12 +32,13 @@ def main() -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--config", default="128,64,8,3", help="BLOCK_M,BLOCK_N,warps,stages")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--tma", action="store_true", help="the TMA-descriptor variant (sm_90+)")
     args = parser.parse_args()
     block_m, block_n, warps, stages = (int(x) for x in args.config.split(","))
 
     fn = triton_rung._fwd_kernel.fn
     constexprs = {"HEAD_DIM": args.dim, "BLOCK_D": triton_rung._head_block(args.dim),
-                  "CAUSAL": args.causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                  "CAUSAL": args.causal, "TMA": args.tma, "BLOCK_M": block_m, "BLOCK_N": block_n}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -56,7 +58,7 @@ def main() -> int:
                             options={"num_warps": warps, "num_stages": stages})
     ops = Counter(op for op in re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], re.M)
                   if op.startswith(WATCH))
-    print(f"_fwd_kernel D={args.dim} causal={args.causal} config={args.config} sm_{args.arch}: "
+    print(f"_fwd_kernel D={args.dim} causal={args.causal} tma={args.tma} config={args.config} sm_{args.arch}: "
           f"{kernel.metadata.shared} B shared memory")
     for op, count in sorted(ops.items()):
         print(f"  {count:4d}  {op}")

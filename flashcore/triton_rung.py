@@ -2,8 +2,8 @@
 
 What it adds over `wmma`: register-resident tiles (Triton lays fragments out itself, so the
 running output is rescaled in registers, not shared memory), software pipelining of the K/V
-loads (num_stages), tile shapes autotuned per (head dim, causal, dtype, problem size), and a
-backward pass. One program per (query tile, batch·head); K/V tiles streamed; online softmax
+loads (num_stages; on Hopper at head dim 128 and >= 4k keys through TMA descriptors), tile
+shapes autotuned per (head dim, causal, dtype, problem size), and a backward pass. One program per (query tile, batch·head); K/V tiles streamed; online softmax
 with exp2 and scale·log2(e) folded into one multiply; the causal loop split into an unmasked
 part that pays no mask cost and a masked diagonal part.
 
@@ -19,12 +19,14 @@ offsets. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one fixed
 Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench;
 inspect the generated code offline: python benchmarks/inspect_triton.py.
 Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.1–10.2); forward sweep
-216–441 TFLOP/s = 0.64–0.95× cuDNN; fwd+bwd 1.00–1.17× FA2 at S=1k, 0.87–0.99× at 4k–16k,
-peak memory equal to FA2's. What limits it and what comes next: docs/notes.md.
+216–441 TFLOP/s = 0.64–0.95× cuDNN, with TMA (D=128, S >= 4k) 449–478 non-causal; fwd+bwd
+1.00–1.17× FA2 at S=1k, 0.87–0.99× at 4k–16k, peak memory equal to FA2's. What limits it and
+what comes next: docs/notes.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -65,7 +67,7 @@ def _tuning(pipelined: str, resident: str, resident_tiles: int) -> dict:
         fits = fits or [min(configs, key=lambda c: smem_bytes(c, kwargs["BLOCK_D"]))]
         return fits if AUTOTUNE else fits[:1]
 
-    return dict(key=["HEAD_DIM", "CAUSAL", "size_class"], cache_results=True,
+    return dict(key=["HEAD_DIM", "CAUSAL", "TMA", "size_class"], cache_results=True,
                 prune_configs_by={"early_config_prune": prune})
 
 
@@ -91,22 +93,27 @@ else:
 # ---- forward ----------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, start, end,
+def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows, start, end,
                seqlen_k, causal_offset, scale_log2, dim_ok,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """Online softmax over key tiles [start, end). MASKED tiles check key bounds and causality."""
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """Online softmax over key tiles [start, end). MASKED tiles check key bounds and causality.
+    K/V come from TMA descriptors (rows past the end arrive zero-filled) or pointer tiles."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = dim_ok[:, None]
-        if MASKED:
-            kv_mask = kv_mask & (cols[None, :] < seqlen_k)
-        if MASKED or not EVEN_D:
-            k_t = tl.load(k_ptrs + start_n * stride_ks, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=tl.trans(kv_mask), other=0.0)
+        if TMA:
+            k_t = tl.trans(k_src.load([start_n, 0]))
+            v = v_src.load([start_n, 0])
         else:
-            k_t = tl.load(k_ptrs + start_n * stride_ks)
-            v = tl.load(v_ptrs + start_n * stride_vs)
+            kv_mask = dim_ok[:, None]
+            if MASKED:
+                kv_mask = kv_mask & (cols[None, :] < seqlen_k)
+            if MASKED or not EVEN_D:
+                k_t = tl.load(k_src + start_n * stride_ks, mask=kv_mask, other=0.0)
+                v = tl.load(v_src + start_n * stride_vs, mask=tl.trans(kv_mask), other=0.0)
+            else:
+                k_t = tl.load(k_src + start_n * stride_ks)
+                v = tl.load(v_src + start_n * stride_vs)
         s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale_log2
         if MASKED:
             visible = cols[None, :] < seqlen_k
@@ -131,7 +138,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                 heads_q, group, seqlen_q, seqlen_k, scale_log2, size_class,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     stride_ks = stride_ks.to(tl.int64)  # start_n * stride can pass 2**31 on long sequences
     stride_vs = stride_vs.to(tl.int64)
     tile = tl.program_id(0)
@@ -145,12 +152,21 @@ def _fwd_kernel(Q, K, V, O, LSE,
     dim_ok = dims < HEAD_DIM
     row_ok = rows < seqlen_q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + dims[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_ptrs = (K + b * stride_kb + hk * stride_kh + tl.arange(0, BLOCK_N)[None, :] * stride_ks
-              + dims[:, None])
-    v_ptrs = (V + b * stride_vb + hk * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vs
-              + dims[None, :])
+    if TMA:  # one 2-D descriptor per (batch, head) slice: its bounds zero-fill ragged tiles
+        q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [seqlen_q, HEAD_DIM],
+                                      [stride_qs, 1], [BLOCK_M, BLOCK_D]).load([m0, 0])
+        k_src = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [seqlen_k, HEAD_DIM],
+                                          [stride_ks, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [seqlen_k, HEAD_DIM],
+                                          [stride_vs, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q_ptrs = (Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs
+                  + dims[None, :])
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_src = (K + b * stride_kb + hk * stride_kh + tl.arange(0, BLOCK_N)[None, :] * stride_ks
+                 + dims[:, None])
+        v_src = (V + b * stride_vb + hk * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vs
+                 + dims[None, :])
 
     # Keys [0, full) are visible to every row of the tile; [full, end) need the mask.
     causal_offset = seqlen_k - seqlen_q
@@ -163,18 +179,24 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows,
                                0, full, seqlen_k, causal_offset, scale_log2, dim_ok,
-                               BLOCK_M, BLOCK_N, CAUSAL, False, HEAD_DIM == BLOCK_D)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                               BLOCK_M, BLOCK_N, CAUSAL, False, HEAD_DIM == BLOCK_D, TMA)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows,
                                full, end, seqlen_k, causal_offset, scale_log2, dim_ok,
-                               BLOCK_M, BLOCK_N, CAUSAL, True, HEAD_DIM == BLOCK_D)
+                               BLOCK_M, BLOCK_N, CAUSAL, True, HEAD_DIM == BLOCK_D, TMA)
 
     # Rows that saw no key: l = 0 → output 0, LSE -inf. A NaN sum stays NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os + dims[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    if TMA:
+        o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h * stride_oh, [seqlen_q, HEAD_DIM],
+                                           [stride_os, 1], [BLOCK_M, BLOCK_D])
+        o_desc.store([m0, 0], out.to(O.dtype.element_ty))
+    else:
+        o_ptrs = (O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_os
+                  + dims[None, :])
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
 
 
@@ -371,12 +393,47 @@ def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
     if out.numel() == 0:
         return out, lse
     size_class = _size_class(batch * heads_q, seqlen_q, seqlen_k)
+    tma = _use_tma(q, k, v, out)
     _fwd(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
-         (dim, causal, size_class, q.dtype),
+         (dim, causal, size_class, q.dtype, tma),
          q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E, size_class,
-         HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal)
+         HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal, TMA=tma)
     return out, lse
+
+
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch where kernels write their TMA descriptors (triton.set_allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@functools.cache
+def _install_tma_allocator() -> None:
+    triton.set_allocator(_tma_scratch)
+
+
+# Where TMA pays (H100, 2026-11-25, TMA forced everywhere vs the pointer path): head dim 128 at
+# S >= 4k, +12-17% non-causal and +1-4% causal; elsewhere slower (the mission shape 7.6 ->
+# 10.9 µs: each CTA writes and fences its descriptors before its first load; D=64 no gain).
+_TMA_HEAD_BLOCK, _TMA_MIN_KEYS = 128, 4096
+
+
+def _use_tma(q, k, v, out) -> bool:
+    """TMA loads on Hopper for head dim (padded) 128 and at least 4k keys, when every row is
+    16-byte aligned (the copy engine's rule)."""
+    if (INTERPRET or not q.is_cuda or k.shape[2] < _TMA_MIN_KEYS
+            or _head_block(q.shape[-1]) != _TMA_HEAD_BLOCK or not _is_hopper(q.device)):
+        return False
+    if not all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+               for t in (q, k, v, out)):
+        return False
+    _install_tma_allocator()
+    return True
 
 
 def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):

@@ -176,3 +176,21 @@ def test_torch_compile_traces_without_graph_breaks(rung):
     assert rel_error(out, flashcore.reference_attention(q, k, v, causal=True)) < 1e-2
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the TMA path is Hopper's (sm_90)")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", [96, 128])
+def test_long_keys_take_the_tma_path(dim, causal, layout):
+    """Head dim 128 (padded) with >= 4k keys loads through TMA descriptors: ragged ends
+    zero-filled by the copy engine, per (batch, head) slice."""
+    from flashcore import triton_rung
+
+    q, k, v = make_qkv(2, 4, 2, 333, 4100, dim, dtype=torch.bfloat16, device="cuda", layout=layout)
+    assert triton_rung._use_tma(q, k, v, torch.empty_like(q))
+    check_forward("triton", q, k, v, causal)
+    check_backward("triton", q, k, v, causal)
