@@ -36,9 +36,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("FLASHCORE_TRITON_AUTOTUNE", "1") != "0"  # 0: first fitting config
-HEAD_DIMS = tuple(range(32, 257, 8))
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # tl.constexpr: kernels may read these globals
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
@@ -188,7 +187,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     # Rows that saw no key: l = 0 → output 0, LSE -inf. A NaN sum stays NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2)
     if TMA:
         o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h * stride_oh, [seqlen_q, HEAD_DIM],
                                            [stride_os, 1], [BLOCK_M, BLOCK_D])
@@ -244,7 +243,7 @@ def _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k, causal_of
 def _load_lse_log2(LSE, at, row_ok):
     """LSE in log2 units; -inf (a row that saw no key) becomes +inf so its P is exactly 0."""
     lse = tl.load(LSE + at, mask=row_ok, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.autotune(configs=_configs((64, 128, 8, 2), (32, 64, 4, 2)),
@@ -397,7 +396,7 @@ def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
     _fwd(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
          (dim, causal, size_class, q.dtype, tma),
          q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E, size_class,
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E.value, size_class,
          HEAD_DIM=dim, BLOCK_D=_head_block(dim), CAUSAL=causal, TMA=tma)
     return out, lse
 
@@ -452,11 +451,11 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
     key = (dim, causal, size_class, q.dtype)
     _bwd_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
               q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-              heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
-              size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+              heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
+              scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
     _bwd_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
             q, k, v, do, lse, delta, dq, *common, *_strides(dq),
-            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E,
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E.value,
             size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
     return dq, dk, dv
 
