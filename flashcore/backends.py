@@ -90,8 +90,8 @@ class GpuRung(Backend):
                       if len(dims) > 6 and len(steps) == 1 else ", ".join(map(str, dims)))
             return f"backend {name} supports head dims {listed}, got {q.shape[-1]}"
         if not interpreted and _capability(q.device) < self.min_capability:
-            have = "".join(map(str, _capability(q.device)))
-            return f"backend {name} needs an sm_{''.join(map(str, self.min_capability))}+ GPU, this one is sm_{have}"
+            need, have = ("".join(map(str, c)) for c in (self.min_capability, _capability(q.device)))
+            return f"backend {name} needs an sm_{need}+ GPU, this one is sm_{have}"
         if self.needs_16b_rows and not rows_16b_aligned(q, k, v):
             return (f"backend {name} needs 16-byte aligned rows (data pointers 16-byte "
                     "aligned, batch/head/sequence strides multiples of 8 elements)")
