@@ -24,6 +24,7 @@ import flashcore  # noqa: E402
 from flashcore import api  # noqa: E402
 from flashcore.bench import loop_us  # noqa: E402
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1,1,16,64", help="B,H,S,D (default 1,1,16,64)")

@@ -51,17 +51,16 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def rows_16b_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def rows_16b_aligned(*tensors: torch.Tensor) -> bool:
     """Data pointers 16-byte aligned and batch/head/sequence strides whole 16-byte multiples.
 
     Unknown while torch.compile traces (fake tensors have no address): then False."""
     if torch.compiler.is_compiling():
         return False
-    bits = q.data_ptr() | k.data_ptr() | v.data_ptr()
-    for t in (q, k, v):
-        size = t.element_size()
+    bits = 0
+    for t in tensors:
         b, h, s, _ = t.stride()
-        bits |= (b | h | s) * size
+        bits |= t.data_ptr() | (b | h | s) * t.element_size()
     return bits & (_VEC_BYTES - 1) == 0
 
 

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import rows_16b_aligned
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("FLASHCORE_TRITON_AUTOTUNE", "1") != "0"  # 0: first fitting config
 LOG2E = tl.constexpr(1.4426950408889634)  # tl.constexpr: kernels may read these globals
@@ -428,8 +430,7 @@ def _use_tma(q, k, v, out) -> bool:
     if (INTERPRET or not q.is_cuda or k.shape[2] < _TMA_MIN_KEYS
             or _head_block(q.shape[-1]) != _TMA_HEAD_BLOCK or not _is_hopper(q.device)):
         return False
-    if not all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-               for t in (q, k, v, out)):
+    if not rows_16b_aligned(q, k, v, out):
         return False
     _install_tma_allocator()
     return True

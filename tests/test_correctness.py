@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import flashcore
-from conftest import (ATOL, check_backward, check_forward, check_sum_loss_gradients, make_qkv,
-                      poisoned_call, rel_error, requires_cuda)
+from conftest import (ATOL, check_backward, check_deterministic_backward, check_forward,
+                      check_sum_loss_gradients, make_qkv, poisoned_call, rel_error, requires_cuda)
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -157,13 +157,8 @@ def test_gradients_of_sum_losses(rung):
 
 @pytest.mark.parametrize("rung", TRAINABLE)
 def test_backward_is_deterministic(rung):
-    q, k, v = (t.requires_grad_() for t in make_qkv(2, 8, 2, 1000, 1000, 64, dtype=torch.float16,
-                                                      device="cuda"))
-    dout = torch.randn_like(q)
-    first, second = (torch.autograd.grad(flashcore.attention(q, k, v, causal=True, backend=rung),
-                                         (q, k, v), dout) for _ in range(2))
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    check_deterministic_backward(rung, *make_qkv(2, 8, 2, 1000, 1000, 64, dtype=torch.float16,
+                                                 device="cuda"), causal=True)
 
 
 @pytest.mark.parametrize("rung", TRAINABLE)

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-import flashcore
-from conftest import CUDA, check_backward, check_forward, check_sum_loss_gradients, make_qkv
+from conftest import (CUDA, check_backward, check_deterministic_backward, check_forward,
+                      check_sum_loss_gradients, make_qkv)
 
 pytestmark = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter check; with a GPU the compiled kernels "
@@ -48,12 +48,8 @@ def test_strided_bshd_views():
 
 
 def test_backward_is_deterministic():
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 1, 40, 40, 32, dtype=torch.float16,
-                                                      device="cpu"))
-    dout = torch.randn_like(q)
-    first, second = (torch.autograd.grad(flashcore.attention(q, k, v, backend="triton"),
-                                         (q, k, v), dout) for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    check_deterministic_backward("triton", *make_qkv(1, 4, 1, 40, 40, 32, dtype=torch.float16,
+                                                     device="cpu"), causal=False)
 
 
 def test_gradients_of_sum_losses():
