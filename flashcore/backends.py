@@ -72,6 +72,7 @@ class GpuRung(Backend):
     interpretable = False  # also runs on CPU tensors under TRITON_INTERPRET=1
     head_dims: tuple[int, ...]
     min_capability: tuple[int, int]
+    max_capability: tuple[int, int] = (99, 99)
 
     def why_not(self, q, k, v, causal=False, needs_grad=False):
         name = repr(self.name)
@@ -88,9 +89,12 @@ class GpuRung(Backend):
             listed = (f"{dims[0]} to {dims[-1]} in steps of {steps.pop()}"
                       if len(dims) > 6 and len(steps) == 1 else ", ".join(map(str, dims)))
             return f"backend {name} supports head dims {listed}, got {q.shape[-1]}"
-        if not interpreted and _capability(q.device) < self.min_capability:
-            need, have = ("".join(map(str, c)) for c in (self.min_capability, _capability(q.device)))
-            return f"backend {name} needs an sm_{need}+ GPU, this one is sm_{have}"
+        if not interpreted and not (self.min_capability <= _capability(q.device)
+                                    <= self.max_capability):
+            low, high, have = ("".join(map(str, c)) for c in (
+                self.min_capability, self.max_capability, _capability(q.device)))
+            need = f"sm_{low}" + ("+" if high == "9999" else f" to sm_{high}")
+            return f"backend {name} needs an {need} GPU, this one is sm_{have}"
         if self.needs_16b_rows and not rows_16b_aligned(q, k, v):
             return (f"backend {name} needs 16-byte aligned rows (data pointers 16-byte "
                     "aligned, batch/head/sequence strides multiples of 8 elements)")
@@ -104,10 +108,11 @@ class CudaRung(GpuRung):
     """A CUDA C++ rung, built on first use (flashcore.jit) and called as a PyTorch op."""
 
     def __init__(self, name: str, head_dims: tuple[int, ...], min_capability: tuple[int, int],
-                 needs_16b_rows: bool):
+                 needs_16b_rows: bool, max_capability: tuple[int, int] = (99, 99)):
         self.name = name
         self.head_dims = head_dims
         self.min_capability = min_capability
+        self.max_capability = max_capability
         self.needs_16b_rows = needs_16b_rows
 
     @functools.cached_property
@@ -150,6 +155,9 @@ _LADDER: tuple[Backend, ...] = (
              needs_16b_rows=False),
     CudaRung("wmma", head_dims=(64, 128), min_capability=(8, 0), needs_16b_rows=True),
     TritonRung(),
+    # wgmma and setmaxnreg exist on sm_90a only; TMA needs 16-byte aligned rows.
+    CudaRung("hopper", head_dims=(64, 128), min_capability=(9, 0), max_capability=(9, 0),
+             needs_16b_rows=True),
 )
 REFERENCE = Reference()
 BACKENDS: dict[str, Backend] = {b.name: b for b in (*_LADDER, REFERENCE)}

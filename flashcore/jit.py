@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-CUDA_RUNGS = ("baseline", "wmma")
+CUDA_RUNGS = ("baseline", "wmma", "hopper")
 
 _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xptxas=-warn-spills,-warn-lmem-usage")
 _CXX_FLAGS = ("-O3", "-std=c++17")

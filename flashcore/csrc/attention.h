@@ -28,5 +28,6 @@ struct AttnParams {
 // Each returns cudaErrorInvalidValue for a head dim it has no kernel for, else the launch's status.
 cudaError_t baseline_forward(const AttnParams& params, cudaStream_t stream);
 cudaError_t wmma_forward(const AttnParams& params, cudaStream_t stream);
+cudaError_t hopper_forward(const AttnParams& params, cudaStream_t stream);  // sm_90a only
 
 }  // namespace flashcore

@@ -92,6 +92,19 @@ __device__ __forceinline__ const T* row_ptr(const void* base, const int64_t* str
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// ---- launch --------------------------------------------------------------------------------
+// Lets kKernel use `bytes` of dynamic shared memory on `device`: the limit is a per-device
+// attribute, raised on the device's first launch. (Host threads racing here set one value.)
+template <auto kKernel>
+cudaError_t allow_shared_memory(int bytes, int device) {
+  static int configured_device = -1;
+  if (configured_device == device) return cudaSuccess;
+  const cudaError_t status =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (status == cudaSuccess) configured_device = device;
+  return status;
+}
+
 // ---- dispatch ------------------------------------------------------------------------------
 template <typename T, int D>
 struct KernelTag {

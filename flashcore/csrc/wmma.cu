@@ -211,15 +211,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) wmma_kernel(const AttnParams p
 template <typename T, int kHeadDim, int kWarps>
 cudaError_t launch(const AttnParams& p, int device, cudaStream_t stream) {
   constexpr int kSmemBytes = sizeof(SharedStorage<T, kHeadDim, kWarps * kFrag>);
-  // The shared-memory limit is a per-device attribute; raise it on a device's first launch.
-  // (Two host threads racing here both set the same value: harmless.)
-  static int configured_device = -1;
-  if (configured_device != device) {
-    const cudaError_t status = cudaFuncSetAttribute(
-        wmma_kernel<T, kHeadDim, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (status != cudaSuccess) return status;
-    configured_device = device;
-  }
+  const cudaError_t status =
+      allow_shared_memory<wmma_kernel<T, kHeadDim, kWarps>>(kSmemBytes, device);
+  if (status != cudaSuccess) return status;
   const int num_tiles = ceil_div(p.seqlen_q, kWarps * kFrag);
   wmma_kernel<T, kHeadDim, kWarps>
       <<<p.batch * p.heads_q * num_tiles, kWarps * 32, kSmemBytes, stream>>>(p);

@@ -1,0 +1,198 @@
+// The sm_90a instructions the Hopper rung is built from, one small named helper each:
+// mbarriers, TMA bulk tensor copies, warpgroup MMA (wgmma) and its shared-memory descriptors,
+// register reallocation (setmaxnreg), named barriers and proxy fences.
+//
+// Shared-memory tiles use the 128-byte swizzle throughout: a tile of 16-bit elements is stored
+// as column chunks of 64 elements (one 128-byte row each); inside a chunk, row r's 16-byte unit u
+// sits at unit u ^ (r % 8). TMA writes and reads that layout (CU_TENSOR_MAP_SWIZZLE_128B) and
+// wgmma descriptors describe it; every chunk starts on a 1024-byte boundary.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (a type only: the driver is reached at run time, not linked)
+
+#include <cstdint>
+
+namespace flashcore::sm90 {
+
+constexpr int kWarpgroupThreads = 128;
+constexpr int kSwizzleBytes = 128;        // one row of a chunk
+constexpr int kChunkElems = 64;           // 16-bit elements per 128-byte row
+constexpr int kSwizzleAtomBytes = 1024;   // 8 rows × 128 bytes: the swizzle pattern's period
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of element (row, col) of a swizzled chunk (col < 64) from the chunk's start.
+__device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
+  const int unit = (col / 8) ^ (row % 8);
+  return row * kSwizzleBytes + unit * 16 + (col % 8) * 2;
+}
+
+// ---- mbarrier ------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
+}
+// Makes initialised barriers visible to the other threads and to the TMA unit.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// The producer's arrival: the phase completes once `bytes` more have landed through TMA.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Waits until the phase with the given parity has completed. A fresh barrier counts its
+// (never-run) phase of parity 1 as complete, so waiting for parity 1 first returns at once.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{ .reg .pred p;\n"
+        "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "  selp.u32 %0, 1, 0, p; }"
+        : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  } while (!done);
+}
+
+// ---- TMA (bulk tensor copies through a CUtensorMap) ----------------------------------------
+// The maps are 4-D, innermost first: (head dim, sequence, head, batch).
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+}
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                         int col, int row, int head, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(col), "r"(row), "r"(head), "r"(batch),
+        "r"(smem_addr(bar)) : "memory");
+}
+// Rows outside the tensor are not written: a ragged last tile stores only its valid rows.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int col,
+                                          int row, int head, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];"
+      ::"l"(map), "r"(smem_addr(src)), "r"(col), "r"(row), "r"(head), "r"(batch) : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Waits until this thread's committed stores have finished reading shared memory.
+__device__ __forceinline__ void tma_store_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+// Orders this thread's ordinary shared-memory writes before later async-proxy (TMA) reads.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// ---- warp roles ------------------------------------------------------------------------------
+__device__ __forceinline__ int warpgroup_index() {
+  return __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
+}
+template <int kRegisters> __device__ __forceinline__ void regs_shrink_to() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <int kRegisters> __device__ __forceinline__ void regs_grow_to() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+// Barrier among `threads` threads (whole warps) on hardware barrier `id` (0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- wgmma -----------------------------------------------------------------------------------
+// Shared-memory matrix descriptor for a 128-byte-swizzled operand. Byte offsets:
+//   K-major (rows of 64 contiguous K elements): stride = 1024, the step between 8-row groups;
+//     the leading offset is unused. A K step of 16 elements advances the start by 32 bytes.
+//   MN-major (rows are K, 64 contiguous MN elements): leading = the step between 64-element
+//     MN chunks, stride = 1024, the step between groups of 8 K rows.
+__device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t leading_bytes,
+                                              uint32_t stride_bytes) {
+  constexpr uint64_t kSwizzle128 = 1;
+  return uint64_t((smem_addr(start) & 0x3FFFF) >> 4) |
+         uint64_t((leading_bytes >> 4) & 0x3FFF) << 16 |
+         uint64_t((stride_bytes >> 4) & 0x3FFF) << 32 | kSwizzle128 << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int kPending> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across async wgmma work.
+template <int kN> __device__ __forceinline__ void fence_registers(float (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// Accumulator fragment of a 64×N wgmma (fp32, N/2 registers per thread). For warp w of the
+// warpgroup and lane l, register 4t + 2i + j holds row 16w + l/4 + 8i, column 8t + 2(l%4) + j.
+// The same registers, rounded to 16 bits in pairs, are the A fragment of a following
+// register-sourced wgmma with K = N: no data moves between threads.
+#define FC_ACC8(i)                                                                         \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FC_ACC32 FC_ACC8(0), FC_ACC8(8), FC_ACC8(16), FC_ACC8(24)
+#define FC_ACC64 FC_ACC32, FC_ACC8(32), FC_ACC8(40), FC_ACC8(48), FC_ACC8(56)
+#define FC_REGS32                                                                          \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FC_REGS64                                                                          \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
+
+// wgmma for one element type ("f16" or "bf16"), fp32 accumulation, scale_d = accumulate:
+//   ss_n128: D(64×128) (+)= A(64×16, smem, K-major) · B(16×128, smem, K-major)
+//   rs_n64 / rs_n128: D(64×N) (+)= A(64×16, registers) · B(16×N, smem, MN-major)
+template <typename T> struct Wgmma;
+#define FC_DEFINE_WGMMA(ELEM, PTX_TYPE)                                                          \
+  template <> struct Wgmma<ELEM> {                                                               \
+    static __device__ __forceinline__ void ss_n128(float (&d)[64], uint64_t a, uint64_t b,      \
+                                                   bool accumulate) {                            \
+      asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"                                    \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "      \
+                   FC_REGS64 ", %64, %65, p, 1, 1, 0, 0; }"                                      \
+                   : FC_ACC64 : "l"(a), "l"(b), "r"(int(accumulate)));                           \
+    }                                                                                            \
+    static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4],       \
+                                                  uint64_t b, bool accumulate) {                 \
+      asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"                                    \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " "       \
+                   FC_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1; }"                        \
+                   : FC_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),              \
+                     "r"(int(accumulate)));                                                      \
+    }                                                                                            \
+    static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4],      \
+                                                   uint64_t b, bool accumulate) {                \
+      asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"                                    \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "      \
+                   FC_REGS64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1; }"                        \
+                   : FC_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),              \
+                     "r"(int(accumulate)));                                                      \
+    }                                                                                            \
+  };
+FC_DEFINE_WGMMA(__half, "f16")
+FC_DEFINE_WGMMA(__nv_bfloat16, "bf16")
+#undef FC_DEFINE_WGMMA
+#undef FC_ACC8
+#undef FC_ACC32
+#undef FC_ACC64
+#undef FC_REGS32
+#undef FC_REGS64
+
+}  // namespace flashcore::sm90
