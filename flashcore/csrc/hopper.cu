@@ -9,6 +9,10 @@
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
 //     bits, as the A operand of O += P·V (V read MN-major from shared memory).
+//   - Overlap inside a warpgroup: S of key tile n is issued together with P·V of tile n + 1,
+//     and the softmax of tile n runs while that P·V is on the tensor cores. Between the two
+//     consumers, ping-pong: they take turns issuing GEMMs (named barriers), so one's softmax
+//     hides under the other's GEMMs.
 //   - Epilogue: O normalised in registers, written swizzled to shared memory, stored by TMA
 //     (rows past the end are clipped); LSE from registers.
 //   - Persistent grid: one CTA per SM walks tiles in a static order (causal: longest first).
@@ -17,7 +21,8 @@
 //
 // Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
 // bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured: see docs/notes.md (Phase 3) and benchmarks/results/.
+// Measured (H100, v2): D=128 non-causal 481–618 TFLOP/s, 0.94–1.05× cuDNN; D=64 0.90–0.97×;
+// causal 0.65–0.90×; mission shape 7.9 µs. History and predictions: docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
 
 #include "common.cuh"
@@ -124,18 +129,111 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
   }
 }
 
+// ---- consumer pieces: one thread's share of a warpgroup's 64-row fragments ----------------
+// Accumulator entry 4t + 2i + j of a thread sits at row `row + 8i` of the consumer's 64 and
+// column 8t + `col` + j (hopper_ptx.cuh); i picks one of the thread's two rows.
+constexpr int kScoreRegs = kBlockN / 2;
+constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
+
+// S = Q·Kᵀ for the consumer's 64 rows and the 128 keys of a stage; asynchronous (committed).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim>& s,
+                                         int stage, int consumer) {
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
+    const int chunk = kk / 4, offset = (kk % 4) * kMmaK;  // 4 K steps per 64-element chunk
+    const T* q = &s.q[chunk][consumer * kRowsPerConsumer * kChunkElems + offset];
+    Wgmma<T>::ss_n128(sc, smem_desc(q, 16, kSwizzleAtomBytes),
+                      smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P·V, P from registers, V MN-major (head dim contiguous); asynchronous (committed).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
+                                         const uint32_t (&pa)[kPSteps][4],
+                                         SharedStorage<T, kHeadDim>& s, int stage) {
+  constexpr uint32_t kChunkBytes = kBlockN * kSwizzleBytes;  // between V's 64-column chunks
+#pragma unroll
+  for (int kk = 0; kk < kPSteps; ++kk) {
+    const uint64_t v = smem_desc(&s.v[stage][0][kk * kMmaK * kChunkElems], kChunkBytes,
+                                 kSwizzleAtomBytes);
+    if constexpr (kHeadDim == 64) Wgmma<T>::rs_n64(o, pa[kk], v, true);
+    else Wgmma<T>::rs_n128(o, pa[kk], v, true);
+  }
+  wgmma_commit();
+}
+
+// Online softmax of one score tile, in place: masks keys at or past each row's limit (tiles
+// that hold such keys only), raises the running maxima, and turns scores into unnormalised
+// probabilities exp2(s·scale·log2e − max). Returns each row's correction for the output.
+__device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoftmax (&row)[2],
+                                             float (&correction)[2], bool masked, int first_key,
+                                             const int (&limit)[2], float scale_log2) {
+  if (masked) {
+#pragma unroll
+    for (int r = 0; r < kScoreRegs; ++r)
+      if (first_key + (r / 4) * 8 + r % 2 >= limit[(r / 2) % 2]) sc[r] = -INFINITY;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < kBlockN / 8; ++t) mx = fmaxf(mx, fmaxf(sc[4 * t + 2 * i], sc[4 * t + 2 * i + 1]));
+    correction[i] = row[i].rescale(quad_max(mx) * scale_log2);
+    const float shift = row[i].shift();
+    float sum = 0.f;
+#pragma unroll
+    for (int t = 0; t < kBlockN / 8; ++t)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float& x = sc[4 * t + 2 * i + j];
+        x = fast_exp2(fmaf(x, scale_log2, -shift));
+        sum += x;
+      }
+    row[i].sum += sum;  // this thread's share; the quad's shares are added at the end
+  }
+}
+
+// P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles.
+template <typename T>
+__device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kPSteps][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kPSteps; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pa[kk][j] = pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]);
+}
+
+template <int kRegs>
+__device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&factor)[2]) {
+#pragma unroll
+  for (int r = 0; r < kRegs; ++r) o[r] *= factor[(r / 2) % 2];
+}
+
+// Ping-pong: the consumers take turns issuing their GEMMs (hardware barriers kTurn + c), so
+// one's softmax runs while the other's GEMMs keep the tensor cores busy.
+constexpr int kTurnBarrier = 1 + kConsumers;  // 0: __syncthreads; 1, 2: each consumer's own
+__device__ __forceinline__ void wait_turn(int consumer) {
+  named_barrier_sync(kTurnBarrier + consumer, 2 * kWarpgroupThreads);
+}
+__device__ __forceinline__ void pass_turn(int consumer) {
+  named_barrier_arrive(kTurnBarrier + 1 - consumer, 2 * kWarpgroupThreads);
+}
+
 // A consumer warpgroup: 64 query rows of each tile, from Q·Kᵀ to the stored output.
+// Software-pipelined: the Q·Kᵀ of the next key tile is issued with the P·V of the current
+// one, and the softmax of the next runs while that P·V is still on the tensor cores.
 template <typename T, int kHeadDim>
 __device__ void consume(const AttnParams& p, const TensorMaps& maps,
                         SharedStorage<T, kHeadDim>& s, int num_tiles, int m_blocks,
                         int consumer) {
   using Smem = SharedStorage<T, kHeadDim>;
-  constexpr int kChunkBytesN = kBlockN * kSwizzleBytes;  // one K/V chunk
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
-  // This thread's two rows (i = 0, 1) inside the consumer's 64, and its first column pair.
-  const int row_in_tile = consumer * kRowsPerConsumer + warp * 16 + lane / 4;
-  const int col_in_8 = 2 * (lane % 4);
+  const int row_in_tile = consumer * kRowsPerConsumer + warp * 16 + lane / 4;  // i = 0
+  const int col = 2 * (lane % 4);
+  if (consumer == 1) pass_turn(consumer);  // consumer 0 goes first
   int kv_iter = 0;
   for (int index = blockIdx.x, local = 0; index < num_tiles; index += gridDim.x, ++local) {
     const Tile t = tile_at(p, index, m_blocks);
@@ -143,91 +241,76 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     // Key tiles at or past this index hold keys some row of the CTA tile must not see.
     const int first_masked = visible_keys(p, t.m_block * kBlockM) / kBlockN;
     int limit[2];
-    OnlineSoftmax row[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.m_block * kBlockM + row_in_tile + 8 * i);
-    float o[kHeadDim / 2];
+    for (int i = 0; i < 2; ++i)
+      limit[i] = visible_keys(p, t.m_block * kBlockM + row_in_tile + 8 * i);
+    OnlineSoftmax row[2];
+    float o[kHeadDim / 2], sc[kScoreRegs], correction[2];
+    uint32_t pa[kPSteps][4];
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
     mbar_wait(&s.q_full, local & 1);
-    for (int n = n_blocks - 1; n >= 0; --n, ++kv_iter) {
-      const int stage = kv_iter % Smem::kStages;
-      const uint32_t parity = (kv_iter / Smem::kStages) & 1;
-
-      // S = Q·Kᵀ: 64 × 128 scores, K steps of 16 along the head dim.
-      float sc[kBlockN / 2];
-      mbar_wait(&s.k_full[stage], parity);
-      wgmma_fence();
+    int n = n_blocks - 1, stage = kv_iter % Smem::kStages;
+    const auto phase = [](int iter) { return uint32_t(iter / Smem::kStages) & 1; };
+    // S of key tile n is in registers: hand its K stage back (and Q after the tile's last).
+    const auto release_k = [&] {
+      warp_release(&s.k_empty[stage]);
+      if (n == 0) warp_release(&s.q_empty);
+    };
+    // The P·V reading stage `pv` is done: its registers are final, its V stage goes back.
+    const auto finish_pv = [&](int pv) {
+      wgmma_wait<0>();
+      fence_registers(o);
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
-        const int chunk = kk / 4, offset = (kk % 4) * kMmaK;
-        const uint64_t a = smem_desc(&s.q[chunk][consumer * kRowsPerConsumer * kChunkElems + offset],
-                                     16, kSwizzleAtomBytes);
-        const uint64_t b = smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes);
-        Wgmma<T>::ss_n128(sc, a, b, kk > 0);
-      }
-      wgmma_commit();
+      for (int kk = 0; kk < kPSteps; ++kk) fence_registers(pa[kk]);
+      warp_release(&s.v_empty[pv]);
+    };
+    if (n < 0) {
+      warp_release(&s.q_empty);  // no keys: the output rows are zeros
+    } else {
+      // Prologue: S of the first key tile alone.
+      wait_turn(consumer);
+      mbar_wait(&s.k_full[stage], phase(kv_iter));
+      wgmma_fence();
+      issue_qk(sc, s, stage, consumer);
+      pass_turn(consumer);
       wgmma_wait<0>();
       fence_registers(sc);
-      warp_release(&s.k_empty[stage]);
-      if (n == 0) warp_release(&s.q_empty);  // the tile's last read of Q
-
-      // Mask (only tiles that hold invisible keys), then the online softmax on registers.
-      if (n >= first_masked) {
-#pragma unroll
-        for (int r = 0; r < kBlockN / 2; ++r) {
-          const int key = n * kBlockN + (r / 4) * 8 + col_in_8 + r % 2;
-          if (key >= limit[(r / 2) % 2]) sc[r] = -INFINITY;
-        }
+      release_k();
+      softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+      to_operand<T>(sc, pa);
+      // Steady state: S of tile n and P·V of tile n + 1 go to the tensor cores together; the
+      // softmax of tile n runs while that P·V is still in flight.
+      for (--n; n >= 0; --n) {
+        const int pv_stage = stage;
+        stage = ++kv_iter % Smem::kStages;
+        wait_turn(consumer);
+        mbar_wait(&s.k_full[stage], phase(kv_iter));
+        fence_registers(o);
+        wgmma_fence();
+        issue_qk(sc, s, stage, consumer);
+        mbar_wait(&s.v_full[pv_stage], phase(kv_iter - 1));
+        issue_pv(o, pa, s, pv_stage);
+        pass_turn(consumer);
+        wgmma_wait<1>();  // S done; P·V may still run
+        fence_registers(sc);
+        release_k();
+        softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        finish_pv(pv_stage);
+        scale_rows(o, correction);
+        to_operand<T>(sc, pa);
       }
-      float correction[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int t8 = 0; t8 < kBlockN / 8; ++t8)
-          mx = fmaxf(mx, fmaxf(sc[4 * t8 + 2 * i], sc[4 * t8 + 2 * i + 1]));
-        correction[i] = row[i].rescale(quad_max(mx) * p.scale_log2);
-        const float shift = row[i].shift();
-        float sum = 0.f;
-#pragma unroll
-        for (int t8 = 0; t8 < kBlockN / 8; ++t8)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            float& x = sc[4 * t8 + 2 * i + j];
-            x = fast_exp2(fmaf(x, p.scale_log2, -shift));
-            sum += x;
-          }
-        row[i].sum += sum;  // this thread's share; the quad's shares are added at the end
-      }
-#pragma unroll
-      for (int r = 0; r < kHeadDim / 2; ++r) o[r] *= correction[(r / 2) % 2];
-      uint32_t pa[kBlockN / kMmaK][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / kMmaK; ++kk)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) pa[kk][j] = pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]);
-
-      // O += P·V: K steps of 16 keys; V is MN-major (head dim contiguous).
-      mbar_wait(&s.v_full[stage], parity);
+      // Epilogue of the loop: P·V of the last key tile.
+      wait_turn(consumer);
+      mbar_wait(&s.v_full[stage], phase(kv_iter));
       fence_registers(o);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / kMmaK; ++kk) {
-        const uint64_t b = smem_desc(&s.v[stage][0][kk * kMmaK * kChunkElems], kChunkBytesN,
-                                     kSwizzleAtomBytes);
-        if constexpr (kHeadDim == 64) Wgmma<T>::rs_n64(o, pa[kk], b, true);
-        else Wgmma<T>::rs_n128(o, pa[kk], b, true);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(o);
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / kMmaK; ++kk) fence_registers(pa[kk]);  // live until done
-      warp_release(&s.v_empty[stage]);
+      issue_pv(o, pa, s, stage);
+      pass_turn(consumer);
+      finish_pv(stage);
+      ++kv_iter;
     }
-    if (n_blocks == 0) warp_release(&s.q_empty);
 
     // Epilogue: O / sum → swizzled shared memory → TMA store; LSE from the quad leaders.
     float out_scale[2];
@@ -241,10 +324,9 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     named_barrier_sync(barrier, kWarpgroupThreads);
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; r += 2) {
-      const int i = (r / 2) % 2, col = (r / 4) * 8 + col_in_8;
-      const int local_row = warp * 16 + lane / 4 + 8 * i;
-      char* chunk = reinterpret_cast<char*>(s.o[consumer][col / kChunkElems]);
-      *reinterpret_cast<uint32_t*>(chunk + swizzled_offset(local_row, col % kChunkElems)) =
+      const int i = (r / 2) % 2, c = (r / 4) * 8 + col;
+      char* chunk = reinterpret_cast<char*>(s.o[consumer][c / kChunkElems]);
+      *reinterpret_cast<uint32_t*>(chunk + swizzled_offset(warp * 16 + lane / 4 + 8 * i, c % kChunkElems)) =
           pack2(T{}, o[r] * out_scale[i], o[r + 1] * out_scale[i]);
     }
     fence_async_shared();

@@ -104,6 +104,10 @@ template <int kRegisters> __device__ __forceinline__ void regs_grow_to() {
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts this warp's threads towards barrier `id` without waiting for it.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 
 // ---- wgmma -----------------------------------------------------------------------------------
 // Shared-memory matrix descriptor for a 128-byte-swizzled operand. Byte offsets:
