@@ -37,7 +37,7 @@ def attention(
             sees no key (Sq > Sk) gets a zero output row and LSE = -inf, never NaN.
         scale: softmax scale; defaults to 1/sqrt(D).
         backend: "auto" (the fastest rung that supports the inputs on this device; the
-            reference on CPU), a rung ("baseline", "wmma", "triton"), or "reference" (float64
+            reference on CPU), a rung ("baseline", "wmma", "triton", "hopper"), or "reference" (float64
             PyTorch math, any device and float dtype). "triton" and "reference" are
             differentiable; asking for gradients through a forward-only rung raises.
         return_lse: also return the natural-log log-sum-exp of each row, (B, Hq, Sq) float32.
@@ -156,5 +156,5 @@ class CompiledRung:
 
 
 def build(rung: str) -> CompiledRung:
-    """Compiles (first use) or loads (cached) a CUDA rung: "baseline" or "wmma"."""
+    """Compiles (first use) or loads (cached) a CUDA rung: "baseline", "wmma" or "hopper"."""
     return CompiledRung(rung, jit.load(rung).path)

@@ -21,6 +21,13 @@ tar czf "$OUT/fc-cache.tgz" "$(realpath --relative-to="$PWD" "$FLASHCORE_CACHE_D
 export FLASHCORE_TEST_SEED=${FLASHCORE_TEST_SEED:-$RANDOM}
 step env FLASHCORE_TRITON_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=25 tests
 status=$?
+# compute-sanitizer on the Hopper rung's code paths (split-KV clusters, persistent grid).
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [[ -n "$SANITIZER" && $(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1) == 9.0 ]]; then
+  for tool in memcheck racecheck; do
+    step timeout 600 "$SANITIZER" --tool $tool --error-exitcode 1 python3 scripts/sanitize.py hopper || status=1
+  done
+fi
 step python3 -m flashcore bench --shape mission --iters 100 --out "$OUT"
 step python3 benchmarks/host_overhead.py
 if [[ " $* " == *" --sweep "* ]]; then

@@ -55,6 +55,16 @@ def test_more_tiles_than_sms(rung, causal):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_few_query_tiles_many_keys(rung, causal, dim):
+    """2 heads × 2 query tiles against 4000 keys (GQA, ragged last key tile): too few tiles for
+    the SMs, so `hopper` splits each tile's keys over a cluster of CTAs and merges in-kernel."""
+    q, k, v = make_qkv(1, 2, 1, 200, 4000, dim, dtype=torch.bfloat16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("rung", RUNGS)
 def test_output_is_laid_out_like_q(rung):
     q, k, v = make_qkv(1, 4, 4, 64, 64, 64, dtype=torch.float16, device="cuda", layout="bshd")

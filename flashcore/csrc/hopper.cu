@@ -3,8 +3,8 @@
 // What it adds over `triton`: the Hopper machinery by hand.
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
 //     into a ring of shared-memory stages; each stage completes on a "full" mbarrier and is
-//     handed back on an "empty" one. It keeps 24 registers (setmaxnreg); the two consumer
-//     warpgroups take 240 each.
+//     handed back on an "empty" one. It keeps 40 registers (setmaxnreg); the two consumer
+//     warpgroups take 232 each.
 //   - Each consumer warpgroup owns 64 query rows of a 128-row tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
@@ -15,15 +15,23 @@
 //     hides under the other's GEMMs.
 //   - Epilogue: O normalised in registers, written swizzled to shared memory, stored by TMA
 //     (rows past the end are clipped); LSE from registers.
-//   - Persistent grid: one CTA per SM walks tiles in a static order (causal: longest first).
+//   - Persistent grid: one CTA per SM takes one tile per round, rounds alternating direction
+//     (causal: longest tiles first within sections of half a round of heads, so loads balance
+//     and a head's K/V stays in L2 between its query tiles).
+//   - Few tiles, many keys: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the
+//     key tiles; their unnormalised (O, max, sum) rows meet through distributed shared memory
+//     and are merged in the same kernel (no second launch, no memset).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost.
 //
 // Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
 // bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, v2): D=128 non-causal 481–618 TFLOP/s, 0.94–1.05× cuDNN; D=64 0.90–0.97×;
-// causal 0.65–0.90×; mission shape 7.9 µs. History and predictions: docs/notes.md (Phase 3).
+// Measured (H100, run 13:25): forward 0.88–1.00× cuDNN over the BENCH grid (D=128 non-causal
+// 459–592 TFLOP/s); few-tile long-key shapes 1.5–1.7× cuDNN (split-KV); mission shape 8.1 µs
+// (split-KV does not pay there). History and predictions: docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "hopper_ptx.cuh"
@@ -38,9 +46,11 @@ constexpr int kRowsPerConsumer = 64;           // the M of one wgmma
 constexpr int kBlockM = kConsumers * kRowsPerConsumer;
 constexpr int kBlockN = 128;                   // keys per K/V tile
 constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-constexpr int kProducerRegisters = 24;
-constexpr int kConsumerRegisters = 240;        // 128 × (24 + 2 × 240) ≤ 64K registers
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;        // 128 × (40 + 2 × 232) ≤ 64K registers
 constexpr int kMmaK = 16;                      // the K of one 16-bit wgmma
+constexpr int kMaxSplits = 8;                  // CTAs of a split-KV cluster (portable maximum)
+constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split keeps, at least
 
 template <typename T, int kHeadDim>
 struct SharedStorage {
@@ -52,27 +62,63 @@ struct SharedStorage {
   T o[kConsumers][kChunks][kRowsPerConsumer * kChunkElems];
   uint64_t q_full, q_empty;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+
+  // Split-KV: the unnormalised results of the cluster's CTAs for the rows this CTA merges
+  // (row j·R + r: CTA j's result for row r of this CTA's share of R rows), over the K/V stages,
+  // free by then. Rows padded by 8 floats so a warp's row-strided writes spread over the banks.
+  struct Partial {
+    float o[kBlockM][kHeadDim + 8];
+    float max[kBlockM], sum[kBlockM];  // log2-scaled running max, full row sum
+  };
+  static_assert(sizeof(Partial) <= sizeof(k) + sizeof(v), "partial must fit over K and V");
+  __device__ Partial& partial() { return *reinterpret_cast<Partial*>(k); }
 };
 
 struct TensorMaps {
   CUtensorMap q, k, v, o;
 };
 
-// The tiles of a launch in the order the persistent CTAs take them (CTA c: c, c + grid, ...).
-// Non-causal: one head's query tiles next to each other, so they share K/V in L2. Causal: the
-// longest tiles (last query rows) of every head first, so short ones fill the tail.
+// How a launch's tiles (batch·head, query tile) map to CTAs. Persistent (splits = 1): one CTA
+// per SM, taking one tile per round. Split-KV (splits > 1, small problems): a cluster of
+// `splits` CTAs per tile, each taking a share of its key tiles.
+struct Schedule {
+  int tiles, m_blocks;
+  int section_heads;  // causal: heads whose tiles are interleaved (half a round of tiles)
+  int splits;
+};
+// The tile a CTA (a cluster, in split-KV) takes in `round`: rounds alternate direction, so a
+// CTA that took one of a round's longest tiles takes one of the next round's shortest.
+__device__ __forceinline__ int tile_index(const Schedule& w, int round) {
+  const int ctas = gridDim.x / w.splits, cta = blockIdx.x / w.splits;
+  return round * ctas + (round % 2 ? ctas - 1 - cta : cta);
+}
+// The tiles in that order. Non-causal: one head's query tiles next to each other, so they
+// share K/V in L2. Causal: within each section of heads, the longest tiles (last query rows)
+// first; a section is half a round, so with the alternating rounds every CTA gets the same
+// mix of lengths, and a head's query tiles run at most a round apart (K/V still in L2).
 struct Tile {
   int batch, head, m_block;
 };
-__device__ __forceinline__ Tile tile_at(const AttnParams& p, int index, int m_blocks) {
-  const int heads = p.batch * p.heads_q;
-  const int bh = p.causal ? index % heads : index / m_blocks;
-  const int m_block = p.causal ? m_blocks - 1 - index / heads : index % m_blocks;
+__device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, int index) {
+  int bh = index / w.m_blocks, m_block = index % w.m_blocks;
+  if (p.causal) {
+    const int first = index / (w.section_heads * w.m_blocks) * w.section_heads;
+    const int width = min(w.section_heads, p.batch * p.heads_q - first);
+    const int r = index - first * w.m_blocks;
+    bh = first + r % width;
+    m_block = w.m_blocks - 1 - r / width;
+  }
   return {bh / p.heads_q, bh % p.heads_q, m_block};
 }
-// Key tiles a query tile needs: those the last (valid) row of the tile can see.
-__device__ __forceinline__ int key_blocks(const AttnParams& p, int m_block) {
-  return ceil_div(visible_keys(p, min(p.seqlen_q, (m_block + 1) * kBlockM) - 1), kBlockN);
+// This CTA's key tiles [begin, end) of a query tile: those its last (valid) row can see, or the
+// CTA's share of them in a split-KV cluster.
+struct KeyRange {
+  int begin, end;
+};
+__device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, int m_block) {
+  const int n = ceil_div(visible_keys(p, min(p.seqlen_q, (m_block + 1) * kBlockM) - 1), kBlockN);
+  const int rank = blockIdx.x % w.splits;
+  return {rank * n / w.splits, (rank + 1) * n / w.splits};
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -97,20 +143,21 @@ __device__ __forceinline__ void warp_release(uint64_t* bar) {
 // The producer: one thread issues every TMA load of the CTA's tiles.
 template <typename T, int kHeadDim>
 __device__ void produce(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim>& s, int num_tiles, int m_blocks) {
+                        SharedStorage<T, kHeadDim>& s, const Schedule& w) {
   using Smem = SharedStorage<T, kHeadDim>;
   constexpr uint32_t kQBytes = sizeof(Smem::q), kKVBytes = sizeof(Smem::k[0]);
   const int group = p.heads_q / p.heads_kv;
   int kv_iter = 0;
-  for (int index = blockIdx.x, local = 0; index < num_tiles; index += gridDim.x, ++local) {
-    const Tile t = tile_at(p, index, m_blocks);
+  for (int round = 0; tile_index(w, round) < w.tiles; ++round) {
+    const Tile t = tile_at(p, w, tile_index(w, round));
+    const KeyRange keys = key_range(p, w, t.m_block);
     const int head_kv = t.head / group;
-    mbar_wait(&s.q_empty, (local & 1) ^ 1);
+    mbar_wait(&s.q_empty, (round & 1) ^ 1);
     mbar_arrive_expect_tx(&s.q_full, kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
       tma_load(s.q[c], &maps.q, &s.q_full, c * kChunkElems, t.m_block * kBlockM, t.head, t.batch);
-    for (int n = key_blocks(p, t.m_block) - 1; n >= 0; --n, ++kv_iter) {
+    for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
       const int stage = kv_iter % Smem::kStages;
       const uint32_t parity = (kv_iter / Smem::kStages) & 1;
       mbar_wait(&s.k_empty[stage], parity ^ 1);
@@ -226,8 +273,7 @@ __device__ __forceinline__ void pass_turn(int consumer) {
 // one, and the softmax of the next runs while that P·V is still on the tensor cores.
 template <typename T, int kHeadDim>
 __device__ void consume(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim>& s, int num_tiles, int m_blocks,
-                        int consumer) {
+                        SharedStorage<T, kHeadDim>& s, const Schedule& w, int consumer) {
   using Smem = SharedStorage<T, kHeadDim>;
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
@@ -235,9 +281,9 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
   const int col = 2 * (lane % 4);
   if (consumer == 1) pass_turn(consumer);  // consumer 0 goes first
   int kv_iter = 0;
-  for (int index = blockIdx.x, local = 0; index < num_tiles; index += gridDim.x, ++local) {
-    const Tile t = tile_at(p, index, m_blocks);
-    const int n_blocks = key_blocks(p, t.m_block);
+  for (int round = 0; tile_index(w, round) < w.tiles; ++round) {
+    const Tile t = tile_at(p, w, tile_index(w, round));
+    const KeyRange keys = key_range(p, w, t.m_block);
     // Key tiles at or past this index hold keys some row of the CTA tile must not see.
     const int first_masked = visible_keys(p, t.m_block * kBlockM) / kBlockN;
     int limit[2];
@@ -250,13 +296,13 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
-    mbar_wait(&s.q_full, local & 1);
-    int n = n_blocks - 1, stage = kv_iter % Smem::kStages;
+    mbar_wait(&s.q_full, round & 1);
+    int n = keys.end - 1, stage = kv_iter % Smem::kStages;
     const auto phase = [](int iter) { return uint32_t(iter / Smem::kStages) & 1; };
     // S of key tile n is in registers: hand its K stage back (and Q after the tile's last).
     const auto release_k = [&] {
       warp_release(&s.k_empty[stage]);
-      if (n == 0) warp_release(&s.q_empty);
+      if (n == keys.begin) warp_release(&s.q_empty);
     };
     // The P·V reading stage `pv` is done: its registers are final, its V stage goes back.
     const auto finish_pv = [&](int pv) {
@@ -266,7 +312,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       for (int kk = 0; kk < kPSteps; ++kk) fence_registers(pa[kk]);
       warp_release(&s.v_empty[pv]);
     };
-    if (n < 0) {
+    if (n < keys.begin) {
       warp_release(&s.q_empty);  // no keys: the output rows are zeros
     } else {
       // Prologue: S of the first key tile alone.
@@ -282,7 +328,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       to_operand<T>(sc, pa);
       // Steady state: S of tile n and P·V of tile n + 1 go to the tensor cores together; the
       // softmax of tile n runs while that P·V is still in flight.
-      for (--n; n >= 0; --n) {
+      for (--n; n >= keys.begin; --n) {
         const int pv_stage = stage;
         stage = ++kv_iter % Smem::kStages;
         wait_turn(consumer);
@@ -312,13 +358,30 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       ++kv_iter;
     }
 
+#pragma unroll
+    for (int i = 0; i < 2; ++i) row[i].sum = quad_sum(row[i].sum);
+    if (w.splits > 1) {  // split-KV: send each row's unnormalised result to the CTA merging it
+      cluster_sync();      // every CTA of the cluster is done with its K/V stages
+      auto& part = s.partial();
+      const int rows = kBlockM / w.splits, rank = blockIdx.x % w.splits;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
+#pragma unroll
+        for (int t = 0; t < kHeadDim / 8; ++t)
+          st_cluster(cluster_addr(&part.o[slot][8 * t + col], owner), o[4 * t + 2 * i], o[4 * t + 2 * i + 1]);
+        if (lane % 4 == 0) {
+          st_cluster(cluster_addr(&part.max[slot], owner), row[i].max);
+          st_cluster(cluster_addr(&part.sum[slot], owner), row[i].sum);
+        }
+      }
+      continue;  // one tile per CTA in this mode
+    }
+
     // Epilogue: O / sum → swizzled shared memory → TMA store; LSE from the quad leaders.
     float out_scale[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row[i].sum = quad_sum(row[i].sum);
-      out_scale[i] = row[i].output_scale();
-    }
+    for (int i = 0; i < 2; ++i) out_scale[i] = row[i].output_scale();
     const int barrier = 1 + consumer;
     if (thread == 0) tma_store_wait_read();  // the previous tile's store has read its buffer
     named_barrier_sync(barrier, kWarpgroupThreads);
@@ -350,10 +413,46 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
   if (thread == 0) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }
 
+// Split-KV epilogue, after a cluster barrier: this CTA's R = kBlockM / splits rows (R·rank
+// onwards), merged from the results the cluster's CTAs stored here, and written out. One thread
+// per 4 columns of a row; `thread` counts the consumers' threads.
+template <typename T, int kHeadDim>
+__device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T, kHeadDim>& s,
+                        int thread) {
+  constexpr int kRowThreads = kHeadDim / 4, kRowsPerPass = kConsumers * kWarpgroupThreads / kRowThreads;
+  const Tile t = tile_at(p, w, tile_index(w, 0));
+  const int rows = kBlockM / w.splits, col = thread % kRowThreads * 4;
+  const auto& part = s.partial();
+  for (int r = thread / kRowThreads; r < rows; r += kRowsPerPass) {
+    const int q_row = t.m_block * kBlockM + blockIdx.x % w.splits * rows + r;
+    if (q_row >= p.seqlen_q) break;
+    // Merge the CTAs' (max, sum, O) one at a time, as the online softmax merges key tiles.
+    float mx = -INFINITY, sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int slot = r; slot < kBlockM; slot += rows) {
+      const float m_j = part.max[slot];
+      if (m_j == -INFINITY) continue;  // that CTA's keys are all masked for this row
+      const float new_max = fmaxf(mx, m_j), old = fast_exp2(mx - new_max), add = fast_exp2(m_j - new_max);
+      const float4 o_j = *reinterpret_cast<const float4*>(&part.o[slot][col]);
+      sum = sum * old + part.sum[slot] * add;
+      acc = make_float4(acc.x * old + o_j.x * add, acc.y * old + o_j.y * add,
+                        acc.z * old + o_j.z * add, acc.w * old + o_j.w * add);
+      mx = new_max;
+    }
+    const OnlineSoftmax merged{mx, sum};
+    const float scale = merged.output_scale();
+    T* out = static_cast<T*>(p.o) + t.batch * p.o_stride[0] + t.head * p.o_stride[1] +
+             q_row * p.o_stride[2] + col;
+    *reinterpret_cast<uint2*>(out) =
+        make_uint2(pack2(T{}, acc.x * scale, acc.y * scale), pack2(T{}, acc.z * scale, acc.w * scale));
+    if (p.lse && col == 0)
+      p.lse[(int64_t(t.batch) * p.heads_q + t.head) * p.seqlen_q + q_row] = merged.lse();
+  }
+}
+
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
-    hopper_kernel(const AttnParams p, const __grid_constant__ TensorMaps maps, int num_tiles,
-                  int m_blocks) {
+    hopper_kernel(const AttnParams p, const __grid_constant__ TensorMaps maps, const Schedule w) {
   using Smem = SharedStorage<T, kHeadDim>;
   extern __shared__ char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(
@@ -379,11 +478,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch_map(&maps.k);
       tma_prefetch_map(&maps.v);
       tma_prefetch_map(&maps.o);
-      produce(p, maps, s, num_tiles, m_blocks);
+      produce(p, maps, s, w);
     }
   } else {
     regs_grow_to<kConsumerRegisters>();
-    consume(p, maps, s, num_tiles, m_blocks, role - 1);
+    consume(p, maps, s, w, role - 1);
+  }
+  if (w.splits > 1) {  // the consumers sent their results within the cluster (two barriers)
+    if (role == 0) cluster_sync();
+    cluster_sync();
+    if (role > 0) combine(p, w, s, threadIdx.x - kWarpgroupThreads);
   }
 }
 
@@ -429,6 +533,41 @@ bool make_map(CUtensorMap* map, const void* base, DType dtype, int dim, int seql
              CUDA_SUCCESS;
 }
 
+// A launch with clusters of `splits` CTAs (1: no cluster).
+template <typename T, int kHeadDim>
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster;
+  ClusterLaunch(int ctas, int splits, int smem_bytes, cudaStream_t stream) {
+    config.gridDim = dim3(ctas);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = splits;
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config points into it
+};
+
+// Clusters of `splits` CTAs the GPU runs at once: fewer than SMs / splits, as a cluster's CTAs
+// must share one GPC (on an H100 with this kernel's 1 CTA per SM: 30 clusters of 4, not 33).
+template <typename T, int kHeadDim>
+int max_active_clusters(int splits, int smem_bytes, int device) {
+  static int known[64][kMaxSplits + 1];  // per device and width: count + 1, 0 = not asked yet
+  int& entry = known[device % 64][splits];
+  if (entry == 0) {
+    const ClusterLaunch<T, kHeadDim> launch(splits, splits, smem_bytes, nullptr);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<T, kHeadDim>, &launch.config) != cudaSuccess)
+      clusters = 0;
+    entry = clusters + 1;
+  }
+  return entry - 1;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
   int device = 0, sms = 0;
@@ -447,11 +586,21 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
       make_map(&maps.o, p.o, p.dtype, kHeadDim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
-  const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
-  const int num_tiles = p.batch * p.heads_q * m_blocks;
-  hopper_kernel<T, kHeadDim>
-      <<<min(num_tiles, sms), kThreads, kSmemBytes, stream>>>(p, maps, num_tiles, m_blocks);
-  return cudaGetLastError();
+  Schedule w;
+  w.m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  w.tiles = p.batch * p.heads_q * w.m_blocks;
+  // Too few tiles to fill the GPU: split each tile's keys over a cluster of CTAs, as wide as
+  // still runs in one wave and leaves every CTA enough key tiles to pay for the merge (about
+  // 3 µs: cluster barriers, exchange, merge; docs/notes.md).
+  w.splits = 1;
+  for (int splits = 2; splits <= kMaxSplits &&
+                       ceil_div(p.seqlen_k, kBlockN) >= splits * kMinSplitKeyTiles;
+       splits *= 2)
+    if (w.tiles <= max_active_clusters<T, kHeadDim>(splits, kSmemBytes, device)) w.splits = splits;
+  const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
+  w.section_heads = std::max(1, ctas / 2);
+  const ClusterLaunch<T, kHeadDim> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
+  return cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim>, p, maps, w);
 }
 
 }  // namespace

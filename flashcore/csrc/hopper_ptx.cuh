@@ -109,6 +109,26 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- thread-block clusters: distributed shared memory ----------------------------------------
+// Every thread of every CTA of the cluster arrives; shared-memory writes before it are visible
+// to the cluster's reads after it. The first one also guarantees all CTAs have started.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// The address of `local` (in this CTA's shared memory) in the shared memory of CTA `rank`.
+__device__ __forceinline__ uint32_t cluster_addr(const void* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  return remote;
+}
+// Stores into another CTA's shared memory (visible to it after the next cluster_sync).
+__device__ __forceinline__ void st_cluster(uint32_t addr, float x) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(x) : "memory");
+}
+__device__ __forceinline__ void st_cluster(uint32_t addr, float x, float y) {
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+
 // ---- wgmma -----------------------------------------------------------------------------------
 // Shared-memory matrix descriptor for a 128-byte-swizzled operand. Byte offsets:
 //   K-major (rows of 64 contiguous K elements): stride = 1024, the step between 8-row groups;

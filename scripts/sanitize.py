@@ -1,0 +1,25 @@
+"""Runs one rung on a few shapes that cover its code paths, for compute-sanitizer:
+    compute-sanitizer --tool memcheck  python3 scripts/sanitize.py hopper
+    compute-sanitizer --tool racecheck python3 scripts/sanitize.py hopper
+Shapes (B, Hq, Hkv, Sq, Sk, D): the mission shape; few query tiles against many keys (split-KV
+clusters merging through distributed shared memory, GQA, Sq ≠ Sk); a persistent grid walking
+several tiles per CTA."""
+
+import sys
+
+import torch
+
+import flashcore
+
+SHAPES = [(1, 8, 8, 512, 512, 64), (1, 2, 1, 200, 4000, 128), (2, 20, 4, 520, 640, 64)]
+
+rung = sys.argv[1] if len(sys.argv) > 1 else "hopper"
+for batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim in SHAPES:
+    for causal in (False, True):
+        q = torch.randn(batch, heads_q, seqlen_q, dim, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(batch, heads_kv, seqlen_k, dim, device="cuda", dtype=torch.float16)
+                for _ in range(2))
+        out, lse = flashcore.attention(q, k, v, causal=causal, backend=rung, return_lse=True)
+        torch.cuda.synchronize()
+        assert out.isfinite().all(), (batch, heads_q, seqlen_q, seqlen_k, dim, causal)
+print(f"{rung}: {2 * len(SHAPES)} calls done")
