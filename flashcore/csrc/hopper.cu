@@ -2,7 +2,8 @@
 //
 // What it adds over `triton`: the Hopper machinery by hand.
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
-//     into a ring of shared-memory stages; each stage completes on a "full" mbarrier and is
+//     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early);
+//     each stage completes on a "full" mbarrier and is
 //     handed back on an "empty" one. It keeps 40 registers (setmaxnreg); the two consumer
 //     warpgroups take 232 each.
 //   - Each consumer warpgroup owns 64 query rows of a 128-row tile. S = Q·Kᵀ is one chain of
@@ -26,8 +27,8 @@
 //
 // Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
 // bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 13:25): forward 0.88–1.00× cuDNN over the BENCH grid (D=128 non-causal
-// 459–592 TFLOP/s); few-tile long-key shapes 1.5–1.7× cuDNN (split-KV); mission shape 8.1 µs
+// Measured (H100, run 13:31): forward 0.90–1.03× cuDNN over the BENCH grid (D=128 non-causal
+// 461–576 TFLOP/s); few-tile long-key shapes 1.5–1.7× cuDNN (split-KV); mission shape 8.0 µs
 // (split-KV does not pay there). History and predictions: docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
 
@@ -56,11 +57,12 @@ template <typename T, int kHeadDim>
 struct SharedStorage {
   static constexpr int kChunks = kHeadDim / kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
-  T q[kChunks][kBlockM * kChunkElems];
+  static constexpr int kQBuffers = 2;  // the next tile's Q loads while this one's finishes
+  T q[kQBuffers][kChunks][kBlockM * kChunkElems];
   T k[kStages][kChunks][kBlockN * kChunkElems];
   T v[kStages][kChunks][kBlockN * kChunkElems];
   T o[kConsumers][kChunks][kRowsPerConsumer * kChunkElems];
-  uint64_t q_full, q_empty;
+  uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 
   // Split-KV: the unnormalised results of the cluster's CTAs for the rows this CTA merges
@@ -145,18 +147,19 @@ template <typename T, int kHeadDim>
 __device__ void produce(const AttnParams& p, const TensorMaps& maps,
                         SharedStorage<T, kHeadDim>& s, const Schedule& w) {
   using Smem = SharedStorage<T, kHeadDim>;
-  constexpr uint32_t kQBytes = sizeof(Smem::q), kKVBytes = sizeof(Smem::k[0]);
+  constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
   const int group = p.heads_q / p.heads_kv;
   int kv_iter = 0;
   for (int round = 0; tile_index(w, round) < w.tiles; ++round) {
     const Tile t = tile_at(p, w, tile_index(w, round));
     const KeyRange keys = key_range(p, w, t.m_block);
     const int head_kv = t.head / group;
-    mbar_wait(&s.q_empty, (round & 1) ^ 1);
-    mbar_arrive_expect_tx(&s.q_full, kQBytes);
+    const int qb = round % Smem::kQBuffers;
+    mbar_wait(&s.q_empty[qb], ((round / Smem::kQBuffers) & 1) ^ 1);
+    mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
-      tma_load(s.q[c], &maps.q, &s.q_full, c * kChunkElems, t.m_block * kBlockM, t.head, t.batch);
+      tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.m_block * kBlockM, t.head, t.batch);
     for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
       const int stage = kv_iter % Smem::kStages;
       const uint32_t parity = (kv_iter / Smem::kStages) & 1;
@@ -185,11 +188,11 @@ constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
 // S = Q·Kᵀ for the consumer's 64 rows and the 128 keys of a stage; asynchronous (committed).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim>& s,
-                                         int stage, int consumer) {
+                                         int qb, int stage, int consumer) {
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
     const int chunk = kk / 4, offset = (kk % 4) * kMmaK;  // 4 K steps per 64-element chunk
-    const T* q = &s.q[chunk][consumer * kRowsPerConsumer * kChunkElems + offset];
+    const T* q = &s.q[qb][chunk][consumer * kRowsPerConsumer * kChunkElems + offset];
     Wgmma<T>::ss_n128(sc, smem_desc(q, 16, kSwizzleAtomBytes),
                       smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
   }
@@ -296,13 +299,14 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
-    mbar_wait(&s.q_full, round & 1);
+    const int qb = round % Smem::kQBuffers;
+    mbar_wait(&s.q_full[qb], (round / Smem::kQBuffers) & 1);
     int n = keys.end - 1, stage = kv_iter % Smem::kStages;
     const auto phase = [](int iter) { return uint32_t(iter / Smem::kStages) & 1; };
     // S of key tile n is in registers: hand its K stage back (and Q after the tile's last).
     const auto release_k = [&] {
       warp_release(&s.k_empty[stage]);
-      if (n == keys.begin) warp_release(&s.q_empty);
+      if (n == keys.begin) warp_release(&s.q_empty[qb]);
     };
     // The P·V reading stage `pv` is done: its registers are final, its V stage goes back.
     const auto finish_pv = [&](int pv) {
@@ -313,13 +317,13 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       warp_release(&s.v_empty[pv]);
     };
     if (n < keys.begin) {
-      warp_release(&s.q_empty);  // no keys: the output rows are zeros
+      warp_release(&s.q_empty[qb]);  // no keys: the output rows are zeros
     } else {
       // Prologue: S of the first key tile alone.
       wait_turn(consumer);
       mbar_wait(&s.k_full[stage], phase(kv_iter));
       wgmma_fence();
-      issue_qk(sc, s, stage, consumer);
+      issue_qk(sc, s, qb, stage, consumer);
       pass_turn(consumer);
       wgmma_wait<0>();
       fence_registers(sc);
@@ -335,7 +339,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
         mbar_wait(&s.k_full[stage], phase(kv_iter));
         fence_registers(o);
         wgmma_fence();
-        issue_qk(sc, s, stage, consumer);
+        issue_qk(sc, s, qb, stage, consumer);
         mbar_wait(&s.v_full[pv_stage], phase(kv_iter - 1));
         issue_pv(o, pa, s, pv_stage);
         pass_turn(consumer);
@@ -460,8 +464,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int role = warpgroup_index();
   if (threadIdx.x == 0) {
     constexpr int kConsumerWarps = kConsumers * kWarpgroupThreads / 32;
-    mbar_init(&s.q_full, 1);
-    mbar_init(&s.q_empty, kConsumerWarps);
+    for (int i = 0; i < Smem::kQBuffers; ++i) {
+      mbar_init(&s.q_full[i], 1);
+      mbar_init(&s.q_empty[i], kConsumerWarps);
+    }
     for (int i = 0; i < Smem::kStages; ++i) {
       mbar_init(&s.k_full[i], 1);
       mbar_init(&s.v_full[i], 1);
@@ -574,6 +580,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   constexpr int kSmemBytes = sizeof(SharedStorage<T, kHeadDim>) + kSwizzleAtomBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "over an H100 SM's shared memory per block");
   const cudaError_t status =
       allow_shared_memory<hopper_kernel<T, kHeadDim>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
