@@ -3,9 +3,8 @@
 // What it adds over `triton`: the Hopper machinery by hand.
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
 //     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early);
-//     each stage completes on a "full" mbarrier and is
-//     handed back on an "empty" one. It keeps 40 registers (setmaxnreg); the two consumer
-//     warpgroups take 232 each.
+//     each stage completes on a "full" mbarrier and is handed back on an "empty" one. It
+//     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each.
 //   - Each consumer warpgroup owns 64 query rows of a 128-row tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
