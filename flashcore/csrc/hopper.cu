@@ -135,6 +135,14 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffff, x, 1);
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
+// Parity of the mbarrier phase that the `iter`-th use of a ring of `slots` buffers waits for.
+__device__ __forceinline__ uint32_t ring_phase(int iter, int slots) {
+  return uint32_t(iter / slots) & 1;
+}
+// Where row `q_row` of a tile's head goes in the (B, Hq, Sq) LSE output.
+__device__ __forceinline__ int64_t lse_index(const AttnParams& p, const Tile& t, int q_row) {
+  return (int64_t(t.batch) * p.heads_q + t.head) * p.seqlen_q + q_row;
+}
 // One arrival per consumer warp, after the warp's own wgmma reads of the stage are done.
 __device__ __forceinline__ void warp_release(uint64_t* bar) {
   __syncwarp();
@@ -154,26 +162,24 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
     const KeyRange keys = key_range(p, w, t.m_block);
     const int head_kv = t.head / group;
     const int qb = round % Smem::kQBuffers;
-    mbar_wait(&s.q_empty[qb], ((round / Smem::kQBuffers) & 1) ^ 1);
+    mbar_wait(&s.q_empty[qb], ring_phase(round, Smem::kQBuffers) ^ 1);
     mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
       tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.m_block * kBlockM, t.head, t.batch);
     for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
       const int stage = kv_iter % Smem::kStages;
-      const uint32_t parity = (kv_iter / Smem::kStages) & 1;
-      mbar_wait(&s.k_empty[stage], parity ^ 1);
-      mbar_arrive_expect_tx(&s.k_full[stage], kKVBytes);
+      // Key tile n of K (then V) into the stage, once the consumers have handed it back.
+      const auto load = [&](T (&dst)[Smem::kChunks][kBlockN * kChunkElems], const CUtensorMap* map,
+                            uint64_t* full, uint64_t* empty) {
+        mbar_wait(empty, ring_phase(kv_iter, Smem::kStages) ^ 1);
+        mbar_arrive_expect_tx(full, kKVBytes);
 #pragma unroll
-      for (int c = 0; c < Smem::kChunks; ++c)
-        tma_load(s.k[stage][c], &maps.k, &s.k_full[stage], c * kChunkElems, n * kBlockN,
-                 head_kv, t.batch);
-      mbar_wait(&s.v_empty[stage], parity ^ 1);
-      mbar_arrive_expect_tx(&s.v_full[stage], kKVBytes);
-#pragma unroll
-      for (int c = 0; c < Smem::kChunks; ++c)
-        tma_load(s.v[stage][c], &maps.v, &s.v_full[stage], c * kChunkElems, n * kBlockN,
-                 head_kv, t.batch);
+        for (int c = 0; c < Smem::kChunks; ++c)
+          tma_load(dst[c], map, full, c * kChunkElems, n * kBlockN, head_kv, t.batch);
+      };
+      load(s.k[stage], &maps.k, &s.k_full[stage], &s.k_empty[stage]);
+      load(s.v[stage], &maps.v, &s.v_full[stage], &s.v_empty[stage]);
     }
   }
 }
@@ -299,9 +305,8 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
     const int qb = round % Smem::kQBuffers;
-    mbar_wait(&s.q_full[qb], (round / Smem::kQBuffers) & 1);
+    mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
     int n = keys.end - 1, stage = kv_iter % Smem::kStages;
-    const auto phase = [](int iter) { return uint32_t(iter / Smem::kStages) & 1; };
     // S of key tile n is in registers: hand its K stage back (and Q after the tile's last).
     const auto release_k = [&] {
       warp_release(&s.k_empty[stage]);
@@ -320,7 +325,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     } else {
       // Prologue: S of the first key tile alone.
       wait_turn(consumer);
-      mbar_wait(&s.k_full[stage], phase(kv_iter));
+      mbar_wait(&s.k_full[stage], ring_phase(kv_iter, Smem::kStages));
       wgmma_fence();
       issue_qk(sc, s, qb, stage, consumer);
       pass_turn(consumer);
@@ -335,11 +340,11 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
         const int pv_stage = stage;
         stage = ++kv_iter % Smem::kStages;
         wait_turn(consumer);
-        mbar_wait(&s.k_full[stage], phase(kv_iter));
+        mbar_wait(&s.k_full[stage], ring_phase(kv_iter, Smem::kStages));
         fence_registers(o);
         wgmma_fence();
         issue_qk(sc, s, qb, stage, consumer);
-        mbar_wait(&s.v_full[pv_stage], phase(kv_iter - 1));
+        mbar_wait(&s.v_full[pv_stage], ring_phase(kv_iter - 1, Smem::kStages));
         issue_pv(o, pa, s, pv_stage);
         pass_turn(consumer);
         wgmma_wait<1>();  // S done; P·V may still run
@@ -352,7 +357,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       }
       // Epilogue of the loop: P·V of the last key tile.
       wait_turn(consumer);
-      mbar_wait(&s.v_full[stage], phase(kv_iter));
+      mbar_wait(&s.v_full[stage], ring_phase(kv_iter, Smem::kStages));
       fence_registers(o);
       wgmma_fence();
       issue_pv(o, pa, s, stage);
@@ -409,7 +414,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       for (int i = 0; i < 2; ++i) {
         const int q_row = t.m_block * kBlockM + row_in_tile + 8 * i;
         if (q_row < p.seqlen_q)
-          p.lse[(int64_t(t.batch) * p.heads_q + t.head) * p.seqlen_q + q_row] = row[i].lse();
+          p.lse[lse_index(p, t, q_row)] = row[i].lse();
       }
     }
   }
@@ -449,7 +454,7 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T,
     *reinterpret_cast<uint2*>(out) =
         make_uint2(pack2(T{}, acc.x * scale, acc.y * scale), pack2(T{}, acc.z * scale, acc.w * scale));
     if (p.lse && col == 0)
-      p.lse[(int64_t(t.batch) * p.heads_q + t.head) * p.seqlen_q + q_row] = merged.lse();
+      p.lse[lse_index(p, t, q_row)] = merged.lse();
   }
 }
 
