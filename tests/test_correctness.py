@@ -59,10 +59,19 @@ def test_more_tiles_than_sms(rung, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_few_query_tiles_many_keys(rung, causal, dim):
-    """2 heads × 2 query tiles against 4000 keys (GQA, ragged last key tile): too few tiles for
-    the SMs, so `hopper` splits each tile's keys over a cluster of CTAs and merges in-kernel."""
+    """2 heads × 200 query rows against 4000 keys (GQA, ragged last key tile): too few tiles for
+    the SMs, so `hopper` splits each tile's keys over a cluster of CTAs (at D=64 also between
+    its two consumers, sharing 64-row tiles) and merges the parts in-kernel."""
     q, k, v = make_qkv(1, 2, 1, 200, 4000, dim, dtype=torch.bfloat16, device="cuda")
     check_forward(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_causal_tiles_handed_out_dynamically(rung):
+    """Causal, more tiles than SMs, and all heads' K/V beyond half of L2: `hopper` hands tiles out
+    from a counter, longest first within sections of the heads that fit (the first one short)."""
+    q, k, v = make_qkv(1, 60, 60, 300, 1024, 128, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("rung", RUNGS)
@@ -145,16 +154,22 @@ def test_unaligned_rows_fall_back_from_wmma():
     assert rel_error(out, flashcore.reference_attention(q, k, v)) < 2e-3
 
 
-def test_cuda_graph_capture():
-    q, k, v = make_qkv(1, 8, 8, 512, 512, 64, dtype=torch.float16, device="cuda")
+@pytest.mark.parametrize("shape, causal", [((1, 8, 8, 512, 512, 64), False),
+                                           ((1, 60, 60, 300, 1024, 128), True)],
+                         ids=["mission", "dynamic-tiles"])
+def test_cuda_graph_capture(shape, causal):
+    """Replays see new inputs, and each replay starts its own schedule (a tile counter, if any,
+    is zeroed inside the graph)."""
+    q, k, v = make_qkv(*shape, dtype=torch.float16, device="cuda")
     for rung in RUNGS:
-        flashcore.attention(q, k, v, backend=rung)  # warm up: build and load outside capture
+        flashcore.attention(q, k, v, causal=causal, backend=rung)  # warm up outside capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = flashcore.attention(q, k, v, backend=rung)
-        q.copy_(torch.randn_like(q))
-        graph.replay()
-        assert rel_error(out, flashcore.reference_attention(q, k, v)) < 2e-3
+            out = flashcore.attention(q, k, v, causal=causal, backend=rung)
+        for _ in range(2):
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            assert rel_error(out, flashcore.reference_attention(q, k, v, causal=causal)) < 2e-3
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])

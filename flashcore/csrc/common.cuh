@@ -55,6 +55,15 @@ struct OnlineSoftmax {
     sum *= correction;
     return correction;
   }
+  // Folds in the state of the same row over other keys; `mine` and `theirs` are the factors
+  // for the output accumulated with this state and with `other`.
+  __device__ __forceinline__ void merge(const OnlineSoftmax& other, float& mine, float& theirs) {
+    const float new_max = fmaxf(max, other.max);
+    mine = max == -INFINITY ? 0.f : exp2f(max - new_max);
+    theirs = other.max == -INFINITY ? 0.f : exp2f(other.max - new_max);
+    max = new_max;
+    sum = sum * mine + other.sum * theirs;
+  }
   // exp2(score - shift()) is a row's unnormalised probability; 0 for masked (-inf) scores.
   __device__ __forceinline__ float shift() const { return max == -INFINITY ? 0.f : max; }
   __device__ __forceinline__ float output_scale() const { return sum == 0.f ? 0.f : 1.f / sum; }

@@ -15,20 +15,24 @@
 //     hides under the other's GEMMs.
 //   - Epilogue: O normalised in registers, written swizzled to shared memory, stored by TMA
 //     (rows past the end are clipped); LSE from registers.
-//   - Persistent grid: one CTA per SM takes one tile per round, rounds alternating direction
-//     (causal: longest tiles first within sections of half a round of heads, so loads balance
-//     and a head's K/V stays in L2 between its query tiles).
-//   - Few tiles, many keys: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the
-//     key tiles; their unnormalised (O, max, sum) rows meet through distributed shared memory
-//     and are merged in the same kernel (no second launch, no memset).
+//   - Persistent grid: one CTA per SM; the producer picks each tile and hands its index to the
+//     consumers with its Q. Static rounds alternating direction; causal: longest tiles first
+//     within sections of half a round of heads (balanced loads, a head's K/V stays in L2), or,
+//     where those heads' K/V outgrow half of L2, within sections of the heads that fit, taken
+//     from a counter (zeroed per launch) as CTAs come free.
+//   - Few tiles (few heads, short queries): the two consumers share a 64-row tile, taking every
+//     other key tile, and consumer 1's registers join consumer 0's through shared memory. Many
+//     keys too: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the key tiles;
+//     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
+//     merged in the same kernel (no second launch, no memset).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost.
 //
 // Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
 // bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 13:31): forward 0.90–1.03× cuDNN over the BENCH grid (D=128 non-causal
-// 461–576 TFLOP/s); few-tile long-key shapes 1.5–1.7× cuDNN (split-KV); mission shape 8.0 µs
-// (split-KV does not pay there). History and predictions: docs/notes.md (Phase 3).
+// Measured (H100, run 14:17; cuDNN in the same run): forward 0.82–1.01× cuDNN over the BENCH
+// grid (D=128 non-causal 433–594 TFLOP/s); mission shape 6.9 / 7.5 µs against cuDNN's 9.2 / 9.6
+// (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
 
 #include <algorithm>
@@ -55,24 +59,29 @@ constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split 
 template <typename T, int kHeadDim>
 struct SharedStorage {
   static constexpr int kChunks = kHeadDim / kChunkElems;
-  static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   static constexpr int kQBuffers = 2;  // the next tile's Q loads while this one's finishes
   T q[kQBuffers][kChunks][kBlockM * kChunkElems];
   T k[kStages][kChunks][kBlockN * kChunkElems];
   T v[kStages][kChunks][kBlockN * kChunkElems];
   T o[kConsumers][kChunks][kRowsPerConsumer * kChunkElems];
+  int tile[kQBuffers];  // the tile whose Q is in each buffer, published with q_full
   uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 
-  // Split-KV: the unnormalised results of the cluster's CTAs for the rows this CTA merges
-  // (row j·R + r: CTA j's result for row r of this CTA's share of R rows), over the K/V stages,
-  // free by then. Rows padded by 8 floats so a warp's row-strided writes spread over the banks.
+  // Split keys, over the K/V stages (free by then). Cluster: the unnormalised results of its
+  // CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this CTA's
+  // share of R rows); rows padded by 8 floats so a warp's row-strided writes spread over the
+  // banks. Shared rows: first, consumer 1's accumulator registers for consumer 0 to fold in.
   struct Partial {
     float o[kBlockM][kHeadDim + 8];
     float max[kBlockM], sum[kBlockM];  // log2-scaled running max, full row sum
   };
-  static_assert(sizeof(Partial) <= sizeof(k) + sizeof(v), "partial must fit over K and V");
+  using Fragments = float[kHeadDim / 2 + 4][kWarpgroupThreads];  // O, then max and sum of 2 rows
+  static_assert(sizeof(Partial) <= sizeof(k) + sizeof(v) && sizeof(Fragments) <= sizeof(k) + sizeof(v),
+                "split-key results must fit over K and V");
   __device__ Partial& partial() { return *reinterpret_cast<Partial*>(k); }
+  __device__ Fragments& fragments() { return *reinterpret_cast<Fragments*>(k); }
 };
 
 struct TensorMaps {
@@ -80,44 +89,53 @@ struct TensorMaps {
 };
 
 // How a launch's tiles (batch·head, query tile) map to CTAs. Persistent (splits = 1): one CTA
-// per SM, taking one tile per round. Split-KV (splits > 1, small problems): a cluster of
-// `splits` CTAs per tile, each taking a share of its key tiles.
+// per SM, taking one tile per round, or, where the tiles' lengths differ (causal) and their K/V
+// outgrow L2, taking the next tile from a counter when it is free. Few tiles: the two consumers
+// share 64-row tiles, each taking every other key tile; fewer still, a cluster of `splits`
+// CTAs per tile, each taking a share of its key tiles. One tile per CTA in both.
 struct Schedule {
   int tiles, m_blocks;
-  int section_heads;  // causal: heads whose tiles are interleaved (half a round of tiles)
-  int splits;
+  int tile_rows;                    // kBlockM, or kRowsPerConsumer when the consumers share rows
+  int splits;                       // CTAs per tile (a cluster), 1: no split
+  int section_heads, section_skew;  // causal order: heads per section, missing from the first
+  int* next_tile;                   // dynamic scheduling: a zeroed counter; else null
+  __device__ bool shared_rows() const { return tile_rows < kBlockM; }
 };
-// The tile a CTA (a cluster, in split-KV) takes in `round`: rounds alternate direction, so a
-// CTA that took one of a round's longest tiles takes one of the next round's shortest.
+// The tile a CTA (a cluster, in split-KV) takes in `round` of a static schedule: rounds
+// alternate direction, so a CTA that took one of a round's longest tiles takes one of the
+// next round's shortest.
 __device__ __forceinline__ int tile_index(const Schedule& w, int round) {
   const int ctas = gridDim.x / w.splits, cta = blockIdx.x / w.splits;
   return round * ctas + (round % 2 ? ctas - 1 - cta : cta);
 }
 // The tiles in that order. Non-causal: one head's query tiles next to each other, so they
 // share K/V in L2. Causal: within each section of heads, the longest tiles (last query rows)
-// first; a section is half a round, so with the alternating rounds every CTA gets the same
-// mix of lengths, and a head's query tiles run at most a round apart (K/V still in L2).
+// first. Static: a section is half a round, so with the alternating rounds every CTA gets the
+// same mix of lengths, and a head's query tiles run at most a round apart (K/V still in L2).
+// Dynamic: a section is the heads whose K/V fit in half of L2; the first is the short one, so
+// the last tiles of all are a full section's shortest.
 struct Tile {
-  int batch, head, m_block;
+  int batch, head, row;  // row: the tile's first query row
 };
 __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, int index) {
   int bh = index / w.m_blocks, m_block = index % w.m_blocks;
   if (p.causal) {
-    const int first = index / (w.section_heads * w.m_blocks) * w.section_heads;
-    const int width = min(w.section_heads, p.batch * p.heads_q - first);
+    const int section = (index + w.section_skew * w.m_blocks) / (w.section_heads * w.m_blocks);
+    const int first = max(0, section * w.section_heads - w.section_skew);
+    const int width = min((section + 1) * w.section_heads - w.section_skew, p.batch * p.heads_q) - first;
     const int r = index - first * w.m_blocks;
     bh = first + r % width;
     m_block = w.m_blocks - 1 - r / width;
   }
-  return {bh / p.heads_q, bh % p.heads_q, m_block};
+  return {bh / p.heads_q, bh % p.heads_q, m_block * w.tile_rows};
 }
 // This CTA's key tiles [begin, end) of a query tile: those its last (valid) row can see, or the
 // CTA's share of them in a split-KV cluster.
 struct KeyRange {
   int begin, end;
 };
-__device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, int m_block) {
-  const int n = ceil_div(visible_keys(p, min(p.seqlen_q, (m_block + 1) * kBlockM) - 1), kBlockN);
+__device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
+  const int n = ceil_div(visible_keys(p, min(p.seqlen_q, t.row + w.tile_rows) - 1), kBlockN);
   const int rank = blockIdx.x % w.splits;
   return {rank * n / w.splits, (rank + 1) * n / w.splits};
 }
@@ -156,17 +174,25 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
   using Smem = SharedStorage<T, kHeadDim>;
   constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
   const int group = p.heads_q / p.heads_kv;
-  int kv_iter = 0;
-  for (int round = 0; tile_index(w, round) < w.tiles; ++round) {
-    const Tile t = tile_at(p, w, tile_index(w, round));
-    const KeyRange keys = key_range(p, w, t.m_block);
-    const int head_kv = t.head / group;
+  int kv_iter = 0, index = tile_index(w, 0);
+  for (int round = 0;; ++round) {
+    // The tile goes to the consumers with its Q; past the last one, an arrival without Q.
     const int qb = round % Smem::kQBuffers;
     mbar_wait(&s.q_empty[qb], ring_phase(round, Smem::kQBuffers) ^ 1);
+    atomicExch(&s.tile[qb], index);  // atomic: see consume
+    if (index >= w.tiles) {
+      mbar_arrive(&s.q_full[qb]);
+      return;
+    }
+    // Asked for now, so the answer is back long before it is needed.
+    const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
+    const Tile t = tile_at(p, w, index);
+    const KeyRange keys = key_range(p, w, t);
+    const int head_kv = t.head / group;
     mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
-      tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.m_block * kBlockM, t.head, t.batch);
+      tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.row, t.head, t.batch);
     for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
       const int stage = kv_iter % Smem::kStages;
       // Key tile n of K (then V) into the stage, once the consumers have handed it back.
@@ -181,6 +207,7 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
       load(s.k[stage], &maps.k, &s.k_full[stage], &s.k_empty[stage]);
       load(s.v[stage], &maps.v, &s.v_full[stage], &s.v_empty[stage]);
     }
+    index = next;
   }
 }
 
@@ -193,11 +220,11 @@ constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
 // S = Q·Kᵀ for the consumer's 64 rows and the 128 keys of a stage; asynchronous (committed).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim>& s,
-                                         int qb, int stage, int consumer) {
+                                         int qb, int stage, int first_row) {
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
     const int chunk = kk / 4, offset = (kk % 4) * kMmaK;  // 4 K steps per 64-element chunk
-    const T* q = &s.q[qb][chunk][consumer * kRowsPerConsumer * kChunkElems + offset];
+    const T* q = &s.q[qb][chunk][first_row * kChunkElems + offset];
     Wgmma<T>::ss_n128(sc, smem_desc(q, 16, kSwizzleAtomBytes),
                       smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
   }
@@ -269,6 +296,7 @@ __device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&fact
 // Ping-pong: the consumers take turns issuing their GEMMs (hardware barriers kTurn + c), so
 // one's softmax runs while the other's GEMMs keep the tensor cores busy.
 constexpr int kTurnBarrier = 1 + kConsumers;  // 0: __syncthreads; 1, 2: each consumer's own
+constexpr int kMergeBarrier = kTurnBarrier + kConsumers;  // 5: shared rows, consumer 1 → 0
 __device__ __forceinline__ void wait_turn(int consumer) {
   named_barrier_sync(kTurnBarrier + consumer, 2 * kWarpgroupThreads);
 }
@@ -285,32 +313,47 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
   using Smem = SharedStorage<T, kHeadDim>;
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
-  const int row_in_tile = consumer * kRowsPerConsumer + warp * 16 + lane / 4;  // i = 0
+  // Rows: this consumer's 64 of the tile, or all 64 when the consumers share them (and take
+  // every other key tile: consumer c the c-th from the end, then every kConsumers-th).
+  const bool shared = w.shared_rows();
+  const int first_row = shared ? 0 : consumer * kRowsPerConsumer;
+  const int row_in_tile = first_row + warp * 16 + lane / 4;  // i = 0
   const int col = 2 * (lane % 4);
+  const int step = shared ? kConsumers : 1, skip = shared ? consumer : 0;
   if (consumer == 1) pass_turn(consumer);  // consumer 0 goes first
   int kv_iter = 0;
-  for (int round = 0; tile_index(w, round) < w.tiles; ++round) {
-    const Tile t = tile_at(p, w, tile_index(w, round));
-    const KeyRange keys = key_range(p, w, t.m_block);
+  for (int round = 0;; ++round) {
+    const int qb = round % Smem::kQBuffers;
+    mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
+    // Ordered by q_full (release/acquire), and atomic as well so that compute-sanitizer's
+    // racecheck, which does not follow mbarriers, sees no hazard.
+    const int index = atomicAdd(&s.tile[qb], 0);
+    if (index >= w.tiles) break;
+    const Tile t = tile_at(p, w, index);
+    const KeyRange keys = key_range(p, w, t);
     // Key tiles at or past this index hold keys some row of the CTA tile must not see.
-    const int first_masked = visible_keys(p, t.m_block * kBlockM) / kBlockN;
+    const int first_masked = visible_keys(p, t.row) / kBlockN;
     int limit[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      limit[i] = visible_keys(p, t.m_block * kBlockM + row_in_tile + 8 * i);
+    for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
     OnlineSoftmax row[2];
     float o[kHeadDim / 2], sc[kScoreRegs], correction[2];
     uint32_t pa[kPSteps][4];
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
-    const int qb = round % Smem::kQBuffers;
-    mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
-    int n = keys.end - 1, stage = kv_iter % Smem::kStages;
-    // S of key tile n is in registers: hand its K stage back (and Q after the tile's last).
+    // This consumer's key tiles: n, n - step, … ≥ keys.begin, the kv-th loads of the ring on.
+    int n = keys.end - 1 - skip, kv = kv_iter + skip, stage = kv % Smem::kStages;
+    kv_iter += max(0, keys.end - keys.begin);
+    // Turns at the tensor cores: one per key tile and one for the last P·V.
+    const auto turns = [&](int c) {
+      const int tiles = max(0, ceil_div(keys.end - keys.begin - (shared ? c : 0), step));
+      return tiles > 0 ? tiles + 1 : 0;
+    };
+    // S of key tile n is in registers: hand its K stage back (and Q after the last).
     const auto release_k = [&] {
       warp_release(&s.k_empty[stage]);
-      if (n == keys.begin) warp_release(&s.q_empty[qb]);
+      if (n - step < keys.begin) warp_release(&s.q_empty[qb]);
     };
     // The P·V reading stage `pv` is done: its registers are final, its V stage goes back.
     const auto finish_pv = [&](int pv) {
@@ -325,26 +368,27 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     } else {
       // Prologue: S of the first key tile alone.
       wait_turn(consumer);
-      mbar_wait(&s.k_full[stage], ring_phase(kv_iter, Smem::kStages));
+      mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
       wgmma_fence();
-      issue_qk(sc, s, qb, stage, consumer);
+      issue_qk(sc, s, qb, stage, first_row);
       pass_turn(consumer);
       wgmma_wait<0>();
       fence_registers(sc);
       release_k();
       softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
       to_operand<T>(sc, pa);
-      // Steady state: S of tile n and P·V of tile n + 1 go to the tensor cores together; the
-      // softmax of tile n runs while that P·V is still in flight.
-      for (--n; n >= keys.begin; --n) {
-        const int pv_stage = stage;
-        stage = ++kv_iter % Smem::kStages;
+      // Steady state: S of tile n and P·V of the previous one go to the tensor cores together;
+      // the softmax of tile n runs while that P·V is still in flight.
+      for (n -= step; n >= keys.begin; n -= step) {
+        const int pv_stage = stage, pv_kv = kv;
+        kv += step;
+        stage = kv % Smem::kStages;
         wait_turn(consumer);
-        mbar_wait(&s.k_full[stage], ring_phase(kv_iter, Smem::kStages));
+        mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
         fence_registers(o);
         wgmma_fence();
-        issue_qk(sc, s, qb, stage, consumer);
-        mbar_wait(&s.v_full[pv_stage], ring_phase(kv_iter - 1, Smem::kStages));
+        issue_qk(sc, s, qb, stage, first_row);
+        mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
         issue_pv(o, pa, s, pv_stage);
         pass_turn(consumer);
         wgmma_wait<1>();  // S done; P·V may still run
@@ -357,34 +401,66 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       }
       // Epilogue of the loop: P·V of the last key tile.
       wait_turn(consumer);
-      mbar_wait(&s.v_full[stage], ring_phase(kv_iter, Smem::kStages));
+      mbar_wait(&s.v_full[stage], ring_phase(kv, Smem::kStages));
       fence_registers(o);
       wgmma_fence();
       issue_pv(o, pa, s, stage);
       pass_turn(consumer);
       finish_pv(stage);
-      ++kv_iter;
+    }
+    // Sharing rows, the consumer with fewer key tiles takes empty turns at the end, so the two
+    // keep alternating (at the start, its partner would wait, holding the turn, for a stage
+    // only its next P·V frees: a deadlock with two stages).
+    for (int i = turns(consumer); i < turns(1 - consumer); ++i) {
+      wait_turn(consumer);
+      pass_turn(consumer);
     }
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) row[i].sum = quad_sum(row[i].sum);
-    if (w.splits > 1) {  // split-KV: send each row's unnormalised result to the CTA merging it
+    if (shared) {  // consumer 1's results join consumer 0's, register by register
+      auto& frag = s.fragments();
+      named_barrier_sync(kMergeBarrier, 2 * kWarpgroupThreads);  // both are done with K/V
+      if (consumer == 1) {
+#pragma unroll
+        for (int r = 0; r < kHeadDim / 2; ++r) frag[r][thread] = o[r];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          frag[kHeadDim / 2 + i][thread] = row[i].max;
+          frag[kHeadDim / 2 + 2 + i][thread] = row[i].sum;
+        }
+      }
+      named_barrier_sync(kMergeBarrier, 2 * kWarpgroupThreads);
+      if (consumer == 0) {
+        float mine[2], theirs[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          row[i].merge({frag[kHeadDim / 2 + i][thread], frag[kHeadDim / 2 + 2 + i][thread]}, mine[i], theirs[i]);
+#pragma unroll
+        for (int r = 0; r < kHeadDim / 2; ++r)
+          o[r] = o[r] * mine[(r / 2) % 2] + frag[r][thread] * theirs[(r / 2) % 2];
+      }
+    }
+    if (w.splits > 1) {  // cluster: send each row's unnormalised result to the CTA merging it
       cluster_sync();      // every CTA of the cluster is done with its K/V stages
-      auto& part = s.partial();
-      const int rows = kBlockM / w.splits, rank = blockIdx.x % w.splits;
+      if (!shared || consumer == 0) {
+        auto& part = s.partial();
+        const int rows = w.tile_rows / w.splits, rank = blockIdx.x % w.splits;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
+        for (int i = 0; i < 2; ++i) {
+          const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
 #pragma unroll
-        for (int t = 0; t < kHeadDim / 8; ++t)
-          st_cluster(cluster_addr(&part.o[slot][8 * t + col], owner), o[4 * t + 2 * i], o[4 * t + 2 * i + 1]);
-        if (lane % 4 == 0) {
-          st_cluster(cluster_addr(&part.max[slot], owner), row[i].max);
-          st_cluster(cluster_addr(&part.sum[slot], owner), row[i].sum);
+          for (int t = 0; t < kHeadDim / 8; ++t)
+            st_cluster(cluster_addr(&part.o[slot][8 * t + col], owner), o[4 * t + 2 * i], o[4 * t + 2 * i + 1]);
+          if (lane % 4 == 0) {
+            st_cluster(cluster_addr(&part.max[slot], owner), row[i].max);
+            st_cluster(cluster_addr(&part.sum[slot], owner), row[i].sum);
+          }
         }
       }
       continue;  // one tile per CTA in this mode
     }
+    if (shared && consumer == 1) continue;  // its results went to consumer 0
 
     // Epilogue: O / sum → swizzled shared memory → TMA store; LSE from the quad leaders.
     float out_scale[2];
@@ -405,14 +481,13 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     if (thread == 0) {
 #pragma unroll
       for (int c = 0; c < Smem::kChunks; ++c)
-        tma_store(&maps.o, s.o[consumer][c], c * kChunkElems,
-                  t.m_block * kBlockM + consumer * kRowsPerConsumer, t.head, t.batch);
+        tma_store(&maps.o, s.o[consumer][c], c * kChunkElems, t.row + first_row, t.head, t.batch);
       tma_store_commit();
     }
     if (p.lse && lane % 4 == 0) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int q_row = t.m_block * kBlockM + row_in_tile + 8 * i;
+        const int q_row = t.row + row_in_tile + 8 * i;
         if (q_row < p.seqlen_q)
           p.lse[lse_index(p, t, q_row)] = row[i].lse();
       }
@@ -421,7 +496,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
   if (thread == 0) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }
 
-// Split-KV epilogue, after a cluster barrier: this CTA's R = kBlockM / splits rows (R·rank
+// Split-KV epilogue, after a cluster barrier: this CTA's R = tile rows / splits rows (R·rank
 // onwards), merged from the results the cluster's CTAs stored here, and written out. One thread
 // per 4 columns of a row; `thread` counts the consumers' threads.
 template <typename T, int kHeadDim>
@@ -429,25 +504,21 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T,
                         int thread) {
   constexpr int kRowThreads = kHeadDim / 4, kRowsPerPass = kConsumers * kWarpgroupThreads / kRowThreads;
   const Tile t = tile_at(p, w, tile_index(w, 0));
-  const int rows = kBlockM / w.splits, col = thread % kRowThreads * 4;
+  const int rows = w.tile_rows / w.splits, col = thread % kRowThreads * 4;
   const auto& part = s.partial();
   for (int r = thread / kRowThreads; r < rows; r += kRowsPerPass) {
-    const int q_row = t.m_block * kBlockM + blockIdx.x % w.splits * rows + r;
+    const int q_row = t.row + blockIdx.x % w.splits * rows + r;
     if (q_row >= p.seqlen_q) break;
     // Merge the CTAs' (max, sum, O) one at a time, as the online softmax merges key tiles.
-    float mx = -INFINITY, sum = 0.f;
+    OnlineSoftmax merged;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int slot = r; slot < kBlockM; slot += rows) {
-      const float m_j = part.max[slot];
-      if (m_j == -INFINITY) continue;  // that CTA's keys are all masked for this row
-      const float new_max = fmaxf(mx, m_j), old = fast_exp2(mx - new_max), add = fast_exp2(m_j - new_max);
+    for (int slot = r; slot < w.tile_rows; slot += rows) {
+      float mine, theirs;
+      merged.merge({part.max[slot], part.sum[slot]}, mine, theirs);
       const float4 o_j = *reinterpret_cast<const float4*>(&part.o[slot][col]);
-      sum = sum * old + part.sum[slot] * add;
-      acc = make_float4(acc.x * old + o_j.x * add, acc.y * old + o_j.y * add,
-                        acc.z * old + o_j.z * add, acc.w * old + o_j.w * add);
-      mx = new_max;
+      acc = make_float4(acc.x * mine + o_j.x * theirs, acc.y * mine + o_j.y * theirs,
+                        acc.z * mine + o_j.z * theirs, acc.w * mine + o_j.w * theirs);
     }
-    const OnlineSoftmax merged{mx, sum};
     const float scale = merged.output_scale();
     T* out = static_cast<T*>(p.o) + t.batch * p.o_stride[0] + t.head * p.o_stride[1] +
              q_row * p.o_stride[2] + col;
@@ -468,6 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int role = warpgroup_index();
   if (threadIdx.x == 0) {
     constexpr int kConsumerWarps = kConsumers * kWarpgroupThreads / 32;
+    const int kv_readers = w.shared_rows() ? kConsumerWarps / kConsumers : kConsumerWarps;
     for (int i = 0; i < Smem::kQBuffers; ++i) {
       mbar_init(&s.q_full[i], 1);
       mbar_init(&s.q_empty[i], kConsumerWarps);
@@ -475,8 +547,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < Smem::kStages; ++i) {
       mbar_init(&s.k_full[i], 1);
       mbar_init(&s.v_full[i], 1);
-      mbar_init(&s.k_empty[i], kConsumerWarps);
-      mbar_init(&s.v_empty[i], kConsumerWarps);
+      mbar_init(&s.k_empty[i], kv_readers);
+      mbar_init(&s.v_empty[i], kv_readers);
     }
     mbar_init_fence();
   }
@@ -578,6 +650,53 @@ int max_active_clusters(int splits, int smem_bytes, int device) {
   return entry - 1;
 }
 
+// A launch's schedule, its CTAs (times splits), and whether it hands tiles out dynamically.
+struct Plan {
+  Schedule w;
+  int ctas;
+  bool dynamic;
+};
+template <typename T, int kHeadDim>
+Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
+  Schedule w{};
+  const int heads = p.batch * p.heads_q, key_tiles = ceil_div(p.seqlen_k, kBlockN);
+  // Few tiles: 64-row tiles, with the consumers sharing rows and splitting keys, if they fit in
+  // one wave and each consumer keeps two K/V stages in flight (or the ring holds every key
+  // tile): with one, each key tile waits for its own load (B=1 H=1 S=8k D=128: 95 µs, against
+  // 64 split over clusters). Otherwise, or also, each tile's keys split over a cluster of CTAs,
+  // as wide as still runs in one wave and leaves every consumer enough key tiles to pay for the
+  // merge.
+  constexpr int kStages = SharedStorage<T, kHeadDim>::kStages;
+  const bool shared = key_tiles >= kConsumers && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
+                      heads * ceil_div(p.seqlen_q, kRowsPerConsumer) <= sms;
+  w.tile_rows = shared ? kRowsPerConsumer : kBlockM;
+  w.m_blocks = ceil_div(p.seqlen_q, w.tile_rows);
+  w.tiles = heads * w.m_blocks;
+  w.splits = 1;
+  const int sharing = shared ? kConsumers : 1;
+  for (int splits = 2; splits <= kMaxSplits && key_tiles >= splits * sharing * kMinSplitKeyTiles;
+       splits *= 2)
+    if (w.tiles <= max_active_clusters<T, kHeadDim>(splits, smem_bytes, device)) w.splits = splits;
+  // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
+  // of L2; then sections of the heads that fit, handed out dynamically.
+  const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
+  w.section_heads = std::max(1, ctas / 2);
+  bool dynamic = false;
+  if (p.causal && w.tiles > ctas) {
+    int l2_bytes = 0;
+    cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
+    const int64_t kv_bytes = std::max<int64_t>(  // K and V of one query head's share
+        1, int64_t(2) * p.seqlen_k * kHeadDim * sizeof(T) * p.heads_kv / p.heads_q);
+    const int fit = int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, heads));
+    if (fit < w.section_heads) {
+      w.section_heads = fit;
+      w.section_skew = (fit - heads % fit) % fit;
+      dynamic = true;
+    }
+  }
+  return {w, ctas, dynamic};
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
   int device = 0, sms = 0;
@@ -597,21 +716,23 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
       make_map(&maps.o, p.o, p.dtype, kHeadDim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
-  Schedule w;
-  w.m_blocks = ceil_div(p.seqlen_q, kBlockM);
-  w.tiles = p.batch * p.heads_q * w.m_blocks;
-  // Too few tiles to fill the GPU: split each tile's keys over a cluster of CTAs, as wide as
-  // still runs in one wave and leaves every CTA enough key tiles to pay for the merge (about
-  // 3 µs: cluster barriers, exchange, merge; docs/notes.md).
-  w.splits = 1;
-  for (int splits = 2; splits <= kMaxSplits &&
-                       ceil_div(p.seqlen_k, kBlockN) >= splits * kMinSplitKeyTiles;
-       splits *= 2)
-    if (w.tiles <= max_active_clusters<T, kHeadDim>(splits, kSmemBytes, device)) w.splits = splits;
-  const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
-  w.section_heads = std::max(1, ctas / 2);
+  auto [w, ctas, dynamic] = plan<T, kHeadDim>(p, device, sms, kSmemBytes);
+  // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
+  if (dynamic) {
+    cudaError_t s = cudaMallocAsync(&w.next_tile, sizeof(int), stream);
+    if (s != cudaSuccess) return s;
+    if ((s = cudaMemsetAsync(w.next_tile, 0, sizeof(int), stream)) != cudaSuccess) {
+      cudaFreeAsync(w.next_tile, stream);
+      return s;
+    }
+  }
   const ClusterLaunch<T, kHeadDim> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
-  return cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim>, p, maps, w);
+  const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim>, p, maps, w);
+  if (dynamic) {
+    const cudaError_t freed = cudaFreeAsync(w.next_tile, stream);
+    if (launched == cudaSuccess) return freed;
+  }
+  return launched;
 }
 
 }  // namespace
