@@ -56,6 +56,15 @@ def test_more_tiles_than_sms(rung, causal):
 
 
 @pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("rung", RUNGS)
+def test_tiles_with_and_without_keys_on_one_cta(rung, dim):
+    """Causal with Sq > Sk over 1024 tiles (GQA): each persistent CTA walks tiles that see keys and
+    tiles that see none (zeros), through one K/V ring and one ping-pong order."""
+    q, k, v = make_qkv(2, 64, 8, 1024, 300, dim, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_few_query_tiles_many_keys(rung, causal, dim):

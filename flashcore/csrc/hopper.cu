@@ -30,8 +30,8 @@
 //
 // Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
 // bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 14:17; cuDNN in the same run): forward 0.82–1.01× cuDNN over the BENCH
-// grid (D=128 non-causal 433–594 TFLOP/s); mission shape 6.9 / 7.5 µs against cuDNN's 9.2 / 9.6
+// Measured (H100, run 15:12; cuDNN in the same run): forward 0.84–1.03× cuDNN over the BENCH
+// grid (D=128 non-causal 436–585 TFLOP/s); mission shape 7.3 / 7.6 µs against cuDNN's 9.2 / 9.6
 // (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
 
@@ -258,24 +258,33 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
     for (int r = 0; r < kScoreRegs; ++r)
       if (first_key + (r / 4) * 8 + r % 2 >= limit[(r / 2) % 2]) sc[r] = -INFINITY;
   }
+  // Short dependency chains (4 partial maxima and 2 partial sums per row, both rows at once):
+  // a warp's softmax is latency-bound, with one other consumer warp per scheduler to hide it.
+  constexpr int kPairs = kBlockN / 8;  // a thread's (two-column) pairs in each of its rows
+  float mx[2][4], shift[2], sum[2][2] = {};
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < kPairs; ++t) {
+      const float m = fmaxf(sc[4 * t + 2 * i], sc[4 * t + 2 * i + 1]);
+      mx[i][t % 4] = t < 4 ? m : fmaxf(mx[i][t % 4], m);
+    }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int t = 0; t < kBlockN / 8; ++t) mx = fmaxf(mx, fmaxf(sc[4 * t + 2 * i], sc[4 * t + 2 * i + 1]));
-    correction[i] = row[i].rescale(quad_max(mx) * scale_log2);
-    const float shift = row[i].shift();
-    float sum = 0.f;
-#pragma unroll
-    for (int t = 0; t < kBlockN / 8; ++t)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float& x = sc[4 * t + 2 * i + j];
-        x = fast_exp2(fmaf(x, scale_log2, -shift));
-        sum += x;
-      }
-    row[i].sum += sum;  // this thread's share; the quad's shares are added at the end
+    const float m = quad_max(fmaxf(fmaxf(mx[i][0], mx[i][1]), fmaxf(mx[i][2], mx[i][3]))) * scale_log2;
+    correction[i] = row[i].rescale(m);
+    shift[i] = row[i].shift();
   }
+#pragma unroll
+  for (int t = 0; t < kPairs; ++t)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {  // register 4t + r: row i = r / 2
+      float& x = sc[4 * t + r];
+      x = fast_exp2(fmaf(x, scale_log2, -shift[r / 2]));
+      sum[r / 2][t % 2] += x;
+    }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
 }
 
 // P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles.

@@ -1,0 +1,93 @@
+"""A/B timing of one CUDA rung built from several source trees, on one GPU in one call.
+
+    git archive HEAD flashcore/csrc | tar x -C /tmp/base     # a tree to compare against
+    python benchmarks/ab_sources.py /tmp/base/flashcore/csrc [OTHER_CSRC ...] [--passes 2]
+
+Every build registers torch.ops.flashcore.<rung>_fwd, so each runs in its own process, in the
+order base, …, this tree, base, … so that clock or temperature drift falls on all. Per point of
+the BENCH grid (forward, do_bench median) and at the mission shape (CUDA-graph replay), it prints
+each build's best pass and this tree's speed-up over the first; every output is checked against
+the float64 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashcore import bench, jit  # noqa: E402
+
+
+def worker(csrc: Path, rung: str, causal: str) -> None:
+    """One build's timings, one JSON line per point, on stdout."""
+    jit.CSRC = csrc
+    torch.manual_seed(0)
+    for d in bench.SWEEP_D:
+        for is_causal in bench.causal_values(causal):
+            for s in bench.SWEEP_S:
+                shape = (bench.SWEEP_TOKENS // s, bench.SWEEP_HIDDEN // d, s, d)
+                (row,) = bench.sweep_point(shape, is_causal, torch.float16, [rung], backward=False)
+                print(json.dumps({"point": f"D={d} {'c ' if is_causal else 'nc'} S={s}",
+                                  "value": row["tflops"], "rel_err": row["rel_err"], "error": row["error"]}),
+                      flush=True)
+                torch.cuda.empty_cache()
+    for is_causal in bench.causal_values(causal):
+        q, k, v = bench.make_inputs(bench.MISSION, torch.float16)
+        (c,) = bench.candidates([rung], q, k, v, is_causal)
+        ref = bench.flashcore.reference_attention(q, k, v, causal=is_causal)
+        row = bench.measure(c, ref, lambda c: {"value": bench.graph_us(c.call, 200)}, ("value",))
+        print(json.dumps({"point": f"mission {'c ' if is_causal else 'nc'} µs", "value": row["value"],
+                          "rel_err": row["rel_err"], "error": row["error"]}), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", type=Path, nargs="+", help="csrc directories to compare against")
+    parser.add_argument("--rung", default="hopper")
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.trees[0], args.rung, args.causal)
+        return 0
+    trees = {str(path): path.resolve() for path in args.trees} | {"this tree": jit.CSRC}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+    failures = []
+    for _ in range(args.passes):
+        for name, csrc in trees.items():
+            out = subprocess.run([sys.executable, __file__, str(csrc), "--worker", "--rung", args.rung,
+                                  "--causal", args.causal], check=True, capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                row = json.loads(line)
+                if row["error"] or row["rel_err"] is None or not row["rel_err"] < 2e-3:
+                    failures.append(f"{name} {row['point']}: {row['error'] or row['rel_err']}")
+                elif row["value"] is not None:
+                    results[name].setdefault(row["point"], []).append(row["value"])
+    table = Table(title=f"{args.rung}, best of {args.passes} passes")
+    for col in ("point", *trees, "speed-up"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for point in results["this tree"]:
+        lower_is_better = point.endswith("µs")
+        best = [(min if lower_is_better else max)(results[name].get(point, [float("nan")])) for name in trees]
+        ratio = best[0] / best[-1] if lower_is_better else best[-1] / best[0]
+        table.add_row(point, *(f"{x:.1f}" for x in best), f"{ratio:.3f}")
+    env = bench.environment(datetime.now(timezone.utc))
+    table.caption = ", ".join(f"{key} {env[key]}" for key in ("device", "driver", "torch", "triton", "cudnn", "date"))
+    Console(width=140).print(table)
+    for failure in failures:
+        print("FAILED", failure)
+    return int(bool(failures))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
