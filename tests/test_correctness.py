@@ -64,13 +64,14 @@ def test_tiles_with_and_without_keys_on_one_cta(rung, dim):
     check_forward(rung, q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dim", [40, 64, 96, 128], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_few_query_tiles_many_keys(rung, causal, dim):
     """2 heads × 200 query rows against 4000 keys (GQA, ragged last key tile): too few tiles for
-    the SMs, so `hopper` splits each tile's keys over a cluster of CTAs (at D=64 also between
-    its two consumers, sharing 64-row tiles) and merges the parts in-kernel."""
+    the SMs, so `hopper` splits each tile's keys over a cluster of CTAs (at D ≤ 64 also between
+    its two consumers, sharing 64-row tiles) and merges the parts in-kernel; D=40 and 96 run the
+    D=64 and D=128 kernels on zero-padded columns, which the merge must not write."""
     q, k, v = make_qkv(1, 2, 1, 200, 4000, dim, dtype=torch.bfloat16, device="cuda")
     check_forward(rung, q, k, v, causal)
 
@@ -127,7 +128,8 @@ def test_custom_scale(rung):
 
 def test_auto_picks_the_fastest_rung_that_fits():
     """hopper on sm_90 for its head dims, triton for the rest and for gradients."""
-    for dim, expected in ((64, "hopper" if HOPPER else "triton"), (80, "triton")):
+    for dim, expected in ((64, "hopper" if HOPPER else "triton"), (80, "hopper" if HOPPER else "triton"),
+                          (160, "triton")):
         q, k, v = make_qkv(1, 2, 2, 64, 64, dim, dtype=torch.float16, device="cuda")
         assert flashcore.api._select("auto", q, k, v, False, False).name == expected
         assert flashcore.api._select("auto", q, k, v, False, True).name == "triton"

@@ -28,8 +28,11 @@
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost.
 //
-// Limits: head dim 64 or 128; fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk,
-// bottom-right causal, GQA/MQA by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
+// Head dims 32–128 in steps of 8: up to 64 run the D=64 kernel, the rest the D=128 one; TMA
+// fills the columns past the head dim with zeros on loads and clips them on the output store,
+// so the padding costs MMA work only (D=96: 3/4 of the D=128 kernel's useful rate).
+// Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
+// by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
 // Measured (H100, run 15:12; cuDNN in the same run): forward 0.84–1.03× cuDNN over the BENCH
 // grid (D=128 non-causal 436–585 TFLOP/s); mission shape 7.3 / 7.6 µs against cuDNN's 9.2 / 9.6
 // (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md (Phase 3).
@@ -515,6 +518,7 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T,
   const Tile t = tile_at(p, w, tile_index(w, 0));
   const int rows = w.tile_rows / w.splits, col = thread % kRowThreads * 4;
   const auto& part = s.partial();
+  if (col >= p.head_dim) return;  // the kernel's padding columns (head dim below kHeadDim)
   for (int r = thread / kRowThreads; r < rows; r += kRowsPerPass) {
     const int q_row = t.row + blockIdx.x % w.splits * rows + r;
     if (q_row >= p.seqlen_q) break;
@@ -598,7 +602,8 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }
 
 // A 4-D map (head dim, seq, head, batch) over one (B, H, S, D) tensor, loading or storing
-// boxes of 64 columns × `box_rows` rows, 128-byte swizzled.
+// boxes of 64 columns × `box_rows` rows, 128-byte swizzled. Columns past `dim` (the kernel's
+// padding) load as zeros and are not stored.
 bool make_map(CUtensorMap* map, const void* base, DType dtype, int dim, int seqlen, int heads,
               int batch, const int64_t* stride, int box_rows) {
   constexpr int kElemBytes = 2;
@@ -719,10 +724,10 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
 
   TensorMaps maps;
   const bool ok =
-      make_map(&maps.q, p.q, p.dtype, kHeadDim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, kBlockM) &&
-      make_map(&maps.k, p.k, p.dtype, kHeadDim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, kBlockN) &&
-      make_map(&maps.v, p.v, p.dtype, kHeadDim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, kBlockN) &&
-      make_map(&maps.o, p.o, p.dtype, kHeadDim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
+      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, kBlockM) &&
+      make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, kBlockN) &&
+      make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, kBlockN) &&
+      make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
   auto [w, ctas, dynamic] = plan<T, kHeadDim>(p, device, sms, kSmemBytes);
@@ -747,7 +752,10 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
-  return dispatch<64, 128>(p, [&](auto tag) {
+  if (p.head_dim < 32 || p.head_dim > 128 || p.head_dim % 8) return cudaErrorInvalidValue;
+  AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
+  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : 128;
+  return dispatch<64, 128>(kernel_dims, [&](auto tag) {
     using Tag = decltype(tag);
     return launch<typename Tag::Elem, Tag::kHeadDim>(p, stream);
   });
