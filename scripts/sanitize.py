@@ -4,8 +4,8 @@
 Shapes (B, Hq, Hkv, Sq, Sk, D): the mission shape (consumers sharing rows, merging in shared
 memory); few query tiles against many keys (split-KV clusters merging through distributed
 shared memory, GQA, Sq ≠ Sk), also at D=96 (the D=128 kernel on zero-padded columns); a
-persistent grid walking several tiles per CTA, at D=40; and one whose causal tiles are handed
-out dynamically."""
+persistent grid walking several tiles per CTA, at D=40 (three consumers: 192-row tiles fill
+the GPU); and one whose causal tiles are handed out dynamically."""
 
 import sys
 
@@ -14,7 +14,7 @@ import torch
 import flashcore
 
 SHAPES = [(1, 8, 8, 512, 512, 64), (1, 2, 1, 200, 4000, 128), (1, 2, 1, 200, 4000, 96),
-          (2, 20, 4, 520, 640, 40), (1, 60, 60, 300, 1024, 128)]
+          (2, 24, 4, 520, 640, 40), (1, 60, 60, 300, 1024, 128)]
 
 rung = sys.argv[1] if len(sys.argv) > 1 else "hopper"
 for batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim in SHAPES:

@@ -55,6 +55,20 @@ def test_more_tiles_than_sms(rung, causal):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("shape, causal", [((4, 16, 4, 1000, 1000), False),
+                                           ((4, 16, 4, 1000, 2100), True),
+                                           ((1, 48, 48, 600, 8192), True)],
+                         ids=["full", "causal", "causal-dynamic"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_many_tiles_at_head_dim_64(rung, shape, causal):
+    """Enough 192-row tiles to fill the GPU at D=64, where `hopper` runs three consumer
+    warpgroups per CTA: ragged S, GQA, bf16; and causal tiles from the counter (K/V beyond L2)."""
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 64, dtype=torch.bfloat16,
+                       device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("rung", RUNGS)
 def test_tiles_with_and_without_keys_on_one_cta(rung, dim):

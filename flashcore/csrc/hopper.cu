@@ -4,7 +4,9 @@
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
 //     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early);
 //     each stage completes on a "full" mbarrier and is handed back on an "empty" one. It
-//     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each.
+//     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. At D=64,
+//     when 192-row tiles fill the GPU, three consumers (32 / 160 registers): a consumer's
+//     softmax is latency-bound, and a third warp per scheduler hides it (+7–25%).
 //   - Each consumer warpgroup owns 64 query rows of a 128-row tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
@@ -33,9 +35,10 @@
 // so the padding costs MMA work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 15:12; cuDNN in the same run): forward 0.84–1.03× cuDNN over the BENCH
-// grid (D=128 non-causal 436–585 TFLOP/s); mission shape 7.3 / 7.6 µs against cuDNN's 9.2 / 9.6
-// (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md (Phase 3).
+// Measured (H100, run 15:44; cuDNN in the same run): forward 0.85–1.14× cuDNN over the BENCH
+// grid (D=64 non-causal 377–494 TFLOP/s, D=128 423–555); mission shape 7.4 / 7.5 µs against
+// cuDNN's 9.3 / 9.5 (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History:
+// docs/notes.md (Phase 3).
 #include <cudaTypedefs.h>
 
 #include <algorithm>
@@ -48,23 +51,25 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kConsumers = 2;                  // consumer warpgroups, 64 query rows each
+// Consumer warpgroups (kConsumers, a template parameter): 2, or 3 at D=64 when the tiles fill
+// the GPU (more warps to hide each one's softmax latency; 192-row tiles).
 constexpr int kRowsPerConsumer = 64;           // the M of one wgmma
-constexpr int kBlockM = kConsumers * kRowsPerConsumer;
 constexpr int kBlockN = 128;                   // keys per K/V tile
-constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-constexpr int kProducerRegisters = 40;
-constexpr int kConsumerRegisters = 232;        // 128 × (40 + 2 × 232) ≤ 64K registers
+template <int kConsumers> constexpr int kBlockM = kConsumers * kRowsPerConsumer;
+template <int kConsumers> constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+// Registers per thread after setmaxnreg: 128 × (producer + kConsumers × consumer) ≤ 64K.
+template <int kConsumers> constexpr int kProducerRegisters = kConsumers == 2 ? 40 : 32;
+template <int kConsumers> constexpr int kConsumerRegisters = kConsumers == 2 ? 232 : 160;
 constexpr int kMmaK = 16;                      // the K of one 16-bit wgmma
 constexpr int kMaxSplits = 8;                  // CTAs of a split-KV cluster (portable maximum)
 constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split keeps, at least
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 struct SharedStorage {
   static constexpr int kChunks = kHeadDim / kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   static constexpr int kQBuffers = 2;  // the next tile's Q loads while this one's finishes
-  T q[kQBuffers][kChunks][kBlockM * kChunkElems];
+  T q[kQBuffers][kChunks][kBlockM<kConsumers> * kChunkElems];
   T k[kStages][kChunks][kBlockN * kChunkElems];
   T v[kStages][kChunks][kBlockN * kChunkElems];
   T o[kConsumers][kChunks][kRowsPerConsumer * kChunkElems];
@@ -77,8 +82,8 @@ struct SharedStorage {
   // share of R rows); rows padded by 8 floats so a warp's row-strided writes spread over the
   // banks. Shared rows: first, consumer 1's accumulator registers for consumer 0 to fold in.
   struct Partial {
-    float o[kBlockM][kHeadDim + 8];
-    float max[kBlockM], sum[kBlockM];  // log2-scaled running max, full row sum
+    float o[kBlockM<kConsumers>][kHeadDim + 8];
+    float max[kBlockM<kConsumers>], sum[kBlockM<kConsumers>];  // log2-scaled running max, full row sum
   };
   using Fragments = float[kHeadDim / 2 + 4][kWarpgroupThreads];  // O, then max and sum of 2 rows
   static_assert(sizeof(Partial) <= sizeof(k) + sizeof(v) && sizeof(Fragments) <= sizeof(k) + sizeof(v),
@@ -102,7 +107,7 @@ struct Schedule {
   int splits;                       // CTAs per tile (a cluster), 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
   int* next_tile;                   // dynamic scheduling: a zeroed counter; else null
-  __device__ bool shared_rows() const { return tile_rows < kBlockM; }
+  __device__ bool shared_rows() const { return tile_rows < 2 * kRowsPerConsumer; }
 };
 // The tile a CTA (a cluster, in split-KV) takes in `round` of a static schedule: rounds
 // alternate direction, so a CTA that took one of a round's longest tiles takes one of the
@@ -171,10 +176,10 @@ __device__ __forceinline__ void warp_release(uint64_t* bar) {
 }
 
 // The producer: one thread issues every TMA load of the CTA's tiles.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 __device__ void produce(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim>& s, const Schedule& w) {
-  using Smem = SharedStorage<T, kHeadDim>;
+                        SharedStorage<T, kHeadDim, kConsumers>& s, const Schedule& w) {
+  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
   constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
   const int group = p.heads_q / p.heads_kv;
   int kv_iter = 0, index = tile_index(w, 0);
@@ -221,8 +226,8 @@ constexpr int kScoreRegs = kBlockN / 2;
 constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
 
 // S = Q·Kᵀ for the consumer's 64 rows and the 128 keys of a stage; asynchronous (committed).
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim>& s,
+template <typename T, int kHeadDim, int kConsumers>
+__device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim, kConsumers>& s,
                                          int qb, int stage, int first_row) {
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
@@ -235,10 +240,10 @@ __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<
 }
 
 // O += P·V, P from registers, V MN-major (head dim contiguous); asynchronous (committed).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
                                          const uint32_t (&pa)[kPSteps][4],
-                                         SharedStorage<T, kHeadDim>& s, int stage) {
+                                         SharedStorage<T, kHeadDim, kConsumers>& s, int stage) {
   constexpr uint32_t kChunkBytes = kBlockN * kSwizzleBytes;  // between V's 64-column chunks
 #pragma unroll
   for (int kk = 0; kk < kPSteps; ++kk) {
@@ -307,32 +312,47 @@ __device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&fact
 
 // Ping-pong: the consumers take turns issuing their GEMMs (hardware barriers kTurn + c), so
 // one's softmax runs while the other's GEMMs keep the tensor cores busy.
-constexpr int kTurnBarrier = 1 + kConsumers;  // 0: __syncthreads; 1, 2: each consumer's own
-constexpr int kMergeBarrier = kTurnBarrier + kConsumers;  // 5: shared rows, consumer 1 → 0
+// Barrier 0 is __syncthreads, 1 + c consumer c's own; then one turn barrier per consumer, and
+// the shared-rows merge (consumer 1 → 0).
+template <int kConsumers> constexpr int kTurnBarrier = 1 + kConsumers;
+template <int kConsumers> constexpr int kMergeBarrier = kTurnBarrier<kConsumers> + kConsumers;
+template <int kConsumers>
 __device__ __forceinline__ void wait_turn(int consumer) {
-  named_barrier_sync(kTurnBarrier + consumer, 2 * kWarpgroupThreads);
+  named_barrier_sync(kTurnBarrier<kConsumers> + consumer, 2 * kWarpgroupThreads);
 }
-__device__ __forceinline__ void pass_turn(int consumer) {
-  named_barrier_arrive(kTurnBarrier + 1 - consumer, 2 * kWarpgroupThreads);
+// The turn passes to the next consumer, c + 1 mod kConsumers, read from a table of 4-bit
+// entries: ptxas serialises every wgmma (C7520) when the barrier id comes from `%`.
+template <int kConsumers>
+__device__ __forceinline__ int next_turn_barrier(int consumer) {
+  constexpr unsigned kNext = [] {
+    unsigned table = 0;
+    for (int c = 0; c < kConsumers; ++c) table |= unsigned((c + 1) % kConsumers) << (4 * c);
+    return table;
+  }();
+  return kTurnBarrier<kConsumers> + int((kNext >> (4 * consumer)) & 0xF);
+}
+__device__ __forceinline__ void pass_turn(int next_turn_barrier) {
+  named_barrier_arrive(next_turn_barrier, 2 * kWarpgroupThreads);
 }
 
 // A consumer warpgroup: 64 query rows of each tile, from Q·Kᵀ to the stored output.
 // Software-pipelined: the Q·Kᵀ of the next key tile is issued with the P·V of the current
 // one, and the softmax of the next runs while that P·V is still on the tensor cores.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 __device__ void consume(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim>& s, const Schedule& w, int consumer) {
-  using Smem = SharedStorage<T, kHeadDim>;
+                        SharedStorage<T, kHeadDim, kConsumers>& s, const Schedule& w, int consumer) {
+  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
   // Rows: this consumer's 64 of the tile, or all 64 when the consumers share them (and take
   // every other key tile: consumer c the c-th from the end, then every kConsumers-th).
-  const bool shared = w.shared_rows();
+  const bool shared = kConsumers == 2 && w.shared_rows();  // (sharing is for two only)
   const int first_row = shared ? 0 : consumer * kRowsPerConsumer;
   const int row_in_tile = first_row + warp * 16 + lane / 4;  // i = 0
   const int col = 2 * (lane % 4);
   const int step = shared ? kConsumers : 1, skip = shared ? consumer : 0;
-  if (consumer == 1) pass_turn(consumer);  // consumer 0 goes first
+  const int next_turn = next_turn_barrier<kConsumers>(consumer);
+  if (consumer == kConsumers - 1) pass_turn(next_turn);  // consumer 0 goes first
   int kv_iter = 0;
   for (int round = 0;; ++round) {
     const int qb = round % Smem::kQBuffers;
@@ -379,11 +399,11 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       warp_release(&s.q_empty[qb]);  // no keys: the output rows are zeros
     } else {
       // Prologue: S of the first key tile alone.
-      wait_turn(consumer);
+      wait_turn<kConsumers>(consumer);
       mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
       wgmma_fence();
       issue_qk(sc, s, qb, stage, first_row);
-      pass_turn(consumer);
+      pass_turn(next_turn);
       wgmma_wait<0>();
       fence_registers(sc);
       release_k();
@@ -395,14 +415,14 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
         const int pv_stage = stage, pv_kv = kv;
         kv += step;
         stage = kv % Smem::kStages;
-        wait_turn(consumer);
+        wait_turn<kConsumers>(consumer);
         mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
         fence_registers(o);
         wgmma_fence();
         issue_qk(sc, s, qb, stage, first_row);
         mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
         issue_pv(o, pa, s, pv_stage);
-        pass_turn(consumer);
+        pass_turn(next_turn);
         wgmma_wait<1>();  // S done; P·V may still run
         fence_registers(sc);
         release_k();
@@ -412,27 +432,27 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
         to_operand<T>(sc, pa);
       }
       // Epilogue of the loop: P·V of the last key tile.
-      wait_turn(consumer);
+      wait_turn<kConsumers>(consumer);
       mbar_wait(&s.v_full[stage], ring_phase(kv, Smem::kStages));
       fence_registers(o);
       wgmma_fence();
       issue_pv(o, pa, s, stage);
-      pass_turn(consumer);
+      pass_turn(next_turn);
       finish_pv(stage);
     }
     // Sharing rows, the consumer with fewer key tiles takes empty turns at the end, so the two
     // keep alternating (at the start, its partner would wait, holding the turn, for a stage
     // only its next P·V frees: a deadlock with two stages).
     for (int i = turns(consumer); i < turns(1 - consumer); ++i) {
-      wait_turn(consumer);
-      pass_turn(consumer);
+      wait_turn<kConsumers>(consumer);
+      pass_turn(next_turn);
     }
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) row[i].sum = quad_sum(row[i].sum);
     if (shared) {  // consumer 1's results join consumer 0's, register by register
       auto& frag = s.fragments();
-      named_barrier_sync(kMergeBarrier, 2 * kWarpgroupThreads);  // both are done with K/V
+      named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);  // both are done with K/V
       if (consumer == 1) {
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r) frag[r][thread] = o[r];
@@ -442,7 +462,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
           frag[kHeadDim / 2 + 2 + i][thread] = row[i].sum;
         }
       }
-      named_barrier_sync(kMergeBarrier, 2 * kWarpgroupThreads);
+      named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);
       if (consumer == 0) {
         float mine[2], theirs[2];
 #pragma unroll
@@ -453,7 +473,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
           o[r] = o[r] * mine[(r / 2) % 2] + frag[r][thread] * theirs[(r / 2) % 2];
       }
     }
-    if (w.splits > 1) {  // cluster: send each row's unnormalised result to the CTA merging it
+    if (kConsumers == 2 && w.splits > 1) {  // cluster: send each row's result to the CTA merging it
       cluster_sync();      // every CTA of the cluster is done with its K/V stages
       if (!shared || consumer == 0) {
         auto& part = s.partial();
@@ -511,8 +531,8 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
 // Split-KV epilogue, after a cluster barrier: this CTA's R = tile rows / splits rows (R·rank
 // onwards), merged from the results the cluster's CTAs stored here, and written out. One thread
 // per 4 columns of a row; `thread` counts the consumers' threads.
-template <typename T, int kHeadDim>
-__device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T, kHeadDim>& s,
+template <typename T, int kHeadDim, int kConsumers>
+__device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T, kHeadDim, kConsumers>& s,
                         int thread) {
   constexpr int kRowThreads = kHeadDim / 4, kRowsPerPass = kConsumers * kWarpgroupThreads / kRowThreads;
   const Tile t = tile_at(p, w, tile_index(w, 0));
@@ -542,17 +562,17 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T,
   }
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, 1)
+template <typename T, int kHeadDim, int kConsumers>
+__global__ void __launch_bounds__(kThreads<kConsumers>, 1)
     hopper_kernel(const AttnParams p, const __grid_constant__ TensorMaps maps, const Schedule w) {
-  using Smem = SharedStorage<T, kHeadDim>;
+  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
   extern __shared__ char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
   const int role = warpgroup_index();
   if (threadIdx.x == 0) {
     constexpr int kConsumerWarps = kConsumers * kWarpgroupThreads / 32;
-    const int kv_readers = w.shared_rows() ? kConsumerWarps / kConsumers : kConsumerWarps;
+    const int kv_readers = kConsumers == 2 && w.shared_rows() ? kConsumerWarps / kConsumers : kConsumerWarps;
     for (int i = 0; i < Smem::kQBuffers; ++i) {
       mbar_init(&s.q_full[i], 1);
       mbar_init(&s.q_empty[i], kConsumerWarps);
@@ -567,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   if (role == 0) {
-    regs_shrink_to<kProducerRegisters>();
+    regs_shrink_to<kProducerRegisters<kConsumers>>();
     if (threadIdx.x == 0) {
       tma_prefetch_map(&maps.q);
       tma_prefetch_map(&maps.k);
@@ -576,10 +596,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       produce(p, maps, s, w);
     }
   } else {
-    regs_grow_to<kConsumerRegisters>();
+    regs_grow_to<kConsumerRegisters<kConsumers>>();
     consume(p, maps, s, w, role - 1);
   }
-  if (w.splits > 1) {  // the consumers sent their results within the cluster (two barriers)
+  if (kConsumers == 2 && w.splits > 1) {  // the consumers sent their results (two barriers)
     if (role == 0) cluster_sync();
     cluster_sync();
     if (role > 0) combine(p, w, s, threadIdx.x - kWarpgroupThreads);
@@ -630,13 +650,13 @@ bool make_map(CUtensorMap* map, const void* base, DType dtype, int dim, int seql
 }
 
 // A launch with clusters of `splits` CTAs (1: no cluster).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 struct ClusterLaunch {
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute cluster;
   ClusterLaunch(int ctas, int splits, int smem_bytes, cudaStream_t stream) {
     config.gridDim = dim3(ctas);
-    config.blockDim = dim3(kThreads);
+    config.blockDim = dim3(kThreads<kConsumers>);
     config.dynamicSmemBytes = smem_bytes;
     config.stream = stream;
     cluster.id = cudaLaunchAttributeClusterDimension;
@@ -650,14 +670,14 @@ struct ClusterLaunch {
 
 // Clusters of `splits` CTAs the GPU runs at once: fewer than SMs / splits, as a cluster's CTAs
 // must share one GPC (on an H100 with this kernel's 1 CTA per SM: 30 clusters of 4, not 33).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 int max_active_clusters(int splits, int smem_bytes, int device) {
   static int known[64][kMaxSplits + 1];  // per device and width: count + 1, 0 = not asked yet
   int& entry = known[device % 64][splits];
   if (entry == 0) {
-    const ClusterLaunch<T, kHeadDim> launch(splits, splits, smem_bytes, nullptr);
+    const ClusterLaunch<T, kHeadDim, kConsumers> launch(splits, splits, smem_bytes, nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<T, kHeadDim>, &launch.config) != cudaSuccess)
+    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<T, kHeadDim, kConsumers>, &launch.config) != cudaSuccess)
       clusters = 0;
     entry = clusters + 1;
   }
@@ -670,7 +690,7 @@ struct Plan {
   int ctas;
   bool dynamic;
 };
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kConsumers>
 Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   Schedule w{};
   const int heads = p.batch * p.heads_q, key_tiles = ceil_div(p.seqlen_k, kBlockN);
@@ -680,17 +700,19 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   // 64 split over clusters). Otherwise, or also, each tile's keys split over a cluster of CTAs,
   // as wide as still runs in one wave and leaves every consumer enough key tiles to pay for the
   // merge.
-  constexpr int kStages = SharedStorage<T, kHeadDim>::kStages;
-  const bool shared = key_tiles >= kConsumers && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
+  constexpr int kStages = SharedStorage<T, kHeadDim, kConsumers>::kStages;
+  const bool shared = kConsumers == 2 && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
+                      key_tiles >= kConsumers &&
                       heads * ceil_div(p.seqlen_q, kRowsPerConsumer) <= sms;
-  w.tile_rows = shared ? kRowsPerConsumer : kBlockM;
+  w.tile_rows = shared ? kRowsPerConsumer : kBlockM<kConsumers>;
   w.m_blocks = ceil_div(p.seqlen_q, w.tile_rows);
   w.tiles = heads * w.m_blocks;
   w.splits = 1;
   const int sharing = shared ? kConsumers : 1;
-  for (int splits = 2; splits <= kMaxSplits && key_tiles >= splits * sharing * kMinSplitKeyTiles;
+  for (int splits = 2; kConsumers == 2 && splits <= kMaxSplits &&
+                      key_tiles >= splits * sharing * kMinSplitKeyTiles;
        splits *= 2)
-    if (w.tiles <= max_active_clusters<T, kHeadDim>(splits, smem_bytes, device)) w.splits = splits;
+    if (w.tiles <= max_active_clusters<T, kHeadDim, kConsumers>(splits, smem_bytes, device)) w.splits = splits;
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
   // of L2; then sections of the heads that fit, handed out dynamically.
   const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
@@ -711,26 +733,23 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   return {w, ctas, dynamic};
 }
 
-template <typename T, int kHeadDim>
-cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  constexpr int kSmemBytes = sizeof(SharedStorage<T, kHeadDim>) + kSwizzleAtomBytes;
+template <typename T, int kHeadDim, int kConsumers>
+cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms) {
+  constexpr int kSmemBytes = sizeof(SharedStorage<T, kHeadDim, kConsumers>) + kSwizzleAtomBytes;
   static_assert(kSmemBytes <= 227 * 1024, "over an H100 SM's shared memory per block");
   const cudaError_t status =
-      allow_shared_memory<hopper_kernel<T, kHeadDim>>(kSmemBytes, device);
+      allow_shared_memory<hopper_kernel<T, kHeadDim, kConsumers>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
 
   TensorMaps maps;
   const bool ok =
-      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, kBlockM) &&
+      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, kBlockM<kConsumers>) &&
       make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, kBlockN) &&
       make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, kBlockN) &&
       make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
-  auto [w, ctas, dynamic] = plan<T, kHeadDim>(p, device, sms, kSmemBytes);
+  auto [w, ctas, dynamic] = plan<T, kHeadDim, kConsumers>(p, device, sms, kSmemBytes);
   // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
   if (dynamic) {
     cudaError_t s = cudaMallocAsync(&w.next_tile, sizeof(int), stream);
@@ -740,8 +759,8 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
       return s;
     }
   }
-  const ClusterLaunch<T, kHeadDim> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
-  const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim>, p, maps, w);
+  const ClusterLaunch<T, kHeadDim, kConsumers> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
+  const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim, kConsumers>, p, maps, w);
   if (dynamic) {
     const cudaError_t freed = cudaFreeAsync(w.next_tile, stream);
     if (launched == cudaSuccess) return freed;
@@ -753,11 +772,21 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
 
 cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   if (p.head_dim < 32 || p.head_dim > 128 || p.head_dim % 8) return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
   kernel_dims.head_dim = p.head_dim <= 64 ? 64 : 128;
+  // Three consumers (192-row tiles) at D=64 once those tiles fill the GPU; not for causal with
+  // under 2k keys, where they measured 0–4% slower (+7–25% elsewhere, docs/notes.md).
+  const bool three = kernel_dims.head_dim == 64 && !(p.causal && p.seqlen_k < 2048) &&
+                     int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, kBlockM<3>) >= sms;
   return dispatch<64, 128>(kernel_dims, [&](auto tag) {
-    using Tag = decltype(tag);
-    return launch<typename Tag::Elem, Tag::kHeadDim>(p, stream);
+    using T = typename decltype(tag)::Elem;
+    constexpr int kHeadDim = decltype(tag)::kHeadDim;
+    if constexpr (kHeadDim == 64)
+      if (three) return launch<T, kHeadDim, 3>(p, stream, device, sms);
+    return launch<T, kHeadDim, 2>(p, stream, device, sms);
   });
 }
 
