@@ -7,14 +7,14 @@
 //     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. At D=64,
 //     when 192-row tiles fill the GPU, three consumers (32 / 160 registers): a consumer's
 //     softmax is latency-bound, and a third warp per scheduler hides it (+7–25%).
-//   - Each consumer warpgroup owns 64 query rows of a 128-row tile. S = Q·Kᵀ is one chain of
+//   - Each consumer warpgroup owns 64 query rows of the tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
 //     bits, as the A operand of O += P·V (V read MN-major from shared memory).
 //   - Overlap inside a warpgroup: S of key tile n is issued together with P·V of tile n + 1,
-//     and the softmax of tile n runs while that P·V is on the tensor cores. Between the two
+//     and the softmax of tile n runs while that P·V is on the tensor cores. Between the
 //     consumers, ping-pong: they take turns issuing GEMMs (named barriers), so one's softmax
-//     hides under the other's GEMMs.
+//     hides under the others' GEMMs.
 //   - Epilogue: O normalised in registers, written swizzled to shared memory, stored by TMA
 //     (rows past the end are clipped); LSE from registers.
 //   - Persistent grid: one CTA per SM; the producer picks each tile and hands its index to the
