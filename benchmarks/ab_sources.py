@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import flashcore  # noqa: E402
 from flashcore import bench, jit  # noqa: E402
 
 
@@ -31,19 +32,17 @@ def worker(csrc: Path, rung: str, causal: str) -> None:
     """One build's timings, one JSON line per point, on stdout."""
     jit.CSRC = csrc
     torch.manual_seed(0)
-    for d in bench.SWEEP_D:
-        for is_causal in bench.causal_values(causal):
-            for s in bench.SWEEP_S:
-                shape = (bench.SWEEP_TOKENS // s, bench.SWEEP_HIDDEN // d, s, d)
-                (row,) = bench.sweep_point(shape, is_causal, torch.float16, [rung], backward=False)
-                print(json.dumps({"point": f"D={d} {'c ' if is_causal else 'nc'} S={s}",
-                                  "value": row["tflops"], "rel_err": row["rel_err"], "error": row["error"]}),
-                      flush=True)
-                torch.cuda.empty_cache()
+    for shape, is_causal in bench.sweep_points(causal):
+        _, _, s, d = shape
+        (row,) = bench.sweep_point(shape, is_causal, torch.float16, [rung], backward=False)
+        print(json.dumps({"point": f"D={d} {'c ' if is_causal else 'nc'} S={s}",
+                          "value": row["tflops"], "rel_err": row["rel_err"], "error": row["error"]}),
+              flush=True)
+        torch.cuda.empty_cache()
     for is_causal in bench.causal_values(causal):
         q, k, v = bench.make_inputs(bench.MISSION, torch.float16)
         (c,) = bench.candidates([rung], q, k, v, is_causal)
-        ref = bench.flashcore.reference_attention(q, k, v, causal=is_causal)
+        ref = flashcore.reference_attention(q, k, v, causal=is_causal)
         row = bench.measure(c, ref, lambda c: {"value": bench.graph_us(c.call, 200)}, ("value",))
         print(json.dumps({"point": f"mission {'c ' if is_causal else 'nc'} µs", "value": row["value"],
                           "rel_err": row["rel_err"], "error": row["error"]}), flush=True)

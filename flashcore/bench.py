@@ -265,14 +265,20 @@ def sweep_point(shape: Shape, causal: bool, dtype: torch.dtype, names: list[str]
     return rows
 
 
+def sweep_points(causal: str) -> list[tuple[Shape, bool]]:
+    """The grid's (shape, causal) points, D outermost: 16k tokens, hidden 2048, S in SWEEP_S."""
+    return [((SWEEP_TOKENS // s, SWEEP_HIDDEN // d, s, d), c)
+            for d in SWEEP_D for c in causal_values(causal) for s in SWEEP_S]
+
+
 def sweep(args: argparse.Namespace, names: list[str]) -> list[Row]:
-    points = [(d, s, causal) for d in SWEEP_D for causal in causal_values(args.causal) for s in SWEEP_S]
+    points = sweep_points(args.causal)
     rows: list[Row] = []
     with Progress(console=console) as progress:
         task = progress.add_task("sweep", total=len(points))
-        for d, s, causal in points:
+        for shape, causal in points:
+            _, _, s, d = shape
             progress.update(task, description=f"D={d} S={s} {'causal' if causal else 'non-causal'}")
-            shape = (SWEEP_TOKENS // s, SWEEP_HIDDEN // d, s, d)
             rows += sweep_point(shape, causal, DTYPES[args.dtype], names, args.backward and s in BACKWARD_S)
             torch.cuda.empty_cache()  # the point's tensors died with sweep_point's frame
             progress.advance(task)
