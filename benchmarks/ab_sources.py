@@ -2,10 +2,12 @@
 
     git archive HEAD flashcore/csrc | tar x -C /tmp/base     # a tree to compare against
     python benchmarks/ab_sources.py /tmp/base/flashcore/csrc [OTHER_CSRC ...] [--passes 2]
+                                    [--shapes B,H,S,D ...]
 
 Every build registers torch.ops.flashcore.<rung>_fwd, so each runs in its own process, in the
 order base, …, this tree, base, … so that clock or temperature drift falls on all. Per point of
-the BENCH grid (forward, do_bench median) and at the mission shape (CUDA-graph replay), it prints
+the BENCH grid, or of the shapes given (forward, do_bench median), and, with the grid, at the
+mission shape (CUDA-graph replay), it prints
 each build's best pass and this tree's speed-up over the first; every output is checked against
 the float64 reference.
 """
@@ -28,18 +30,19 @@ import flashcore  # noqa: E402
 from flashcore import bench, jit  # noqa: E402
 
 
-def worker(csrc: Path, rung: str, causal: str) -> None:
+def worker(csrc: Path, rung: str, causal: str, shapes: list[bench.Shape]) -> None:
     """One build's timings, one JSON line per point, on stdout."""
     jit.CSRC = csrc
     torch.manual_seed(0)
-    for shape, is_causal in bench.sweep_points(causal):
+    points = [(shape, c) for shape in shapes for c in bench.causal_values(causal)]
+    for shape, is_causal in points or bench.sweep_points(causal):
         _, _, s, d = shape
         (row,) = bench.sweep_point(shape, is_causal, torch.float16, [rung], backward=False)
         print(json.dumps({"point": f"D={d} {'c ' if is_causal else 'nc'} S={s}",
                           "value": row["tflops"], "rel_err": row["rel_err"], "error": row["error"]}),
               flush=True)
         torch.cuda.empty_cache()
-    for is_causal in bench.causal_values(causal):
+    for is_causal in [] if shapes else bench.causal_values(causal):
         q, k, v = bench.make_inputs(bench.MISSION, torch.float16)
         (c,) = bench.candidates([rung], q, k, v, is_causal)
         ref = flashcore.reference_attention(q, k, v, causal=is_causal)
@@ -54,18 +57,22 @@ def main() -> int:
     parser.add_argument("--rung", default="hopper")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--shapes", nargs="+", type=bench.parse_shape, default=[], metavar="B,H,S,D",
+                        help="time these shapes instead of the BENCH grid and the mission shape")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.trees[0], args.rung, args.causal)
+        worker(args.trees[0], args.rung, args.causal, args.shapes)
         return 0
     trees = {str(path): path.resolve() for path in args.trees} | {"this tree": jit.CSRC}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     failures = []
     for _ in range(args.passes):
         for name, csrc in trees.items():
+            shapes = [",".join(map(str, shape)) for shape in args.shapes]
             out = subprocess.run([sys.executable, __file__, str(csrc), "--worker", "--rung", args.rung,
-                                  "--causal", args.causal], check=True, capture_output=True, text=True).stdout
+                                  "--causal", args.causal, *(["--shapes", *shapes] if shapes else [])],
+                                 check=True, capture_output=True, text=True).stdout
             for line in out.splitlines():
                 row = json.loads(line)
                 if row["error"] or row["rel_err"] is None or not row["rel_err"] < 2e-3:

@@ -156,8 +156,8 @@ _LADDER: tuple[Backend, ...] = (
     CudaRung("wmma", head_dims=(64, 128), min_capability=(8, 0), needs_16b_rows=True),
     TritonRung(),
     # wgmma and setmaxnreg exist on sm_90a only; TMA needs 16-byte aligned rows. Head dims other
-    # than 64 and 128 run the next larger kernel, TMA zero-filling the missing columns.
-    CudaRung("hopper", head_dims=tuple(range(32, 129, 8)), min_capability=(9, 0),
+    # than 64, 128 and 256 run the next larger kernel, TMA zero-filling the missing columns.
+    CudaRung("hopper", head_dims=tuple(range(32, 257, 8)), min_capability=(9, 0),
              max_capability=(9, 0), needs_16b_rows=True),
 )
 REFERENCE = Reference()

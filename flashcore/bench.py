@@ -444,7 +444,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _shape(text: str) -> Shape:
+def parse_shape(text: str) -> Shape:
+    """"mission" or "B,H,S,D" (a command-line argument)."""
     if text == "mission":
         return MISSION
     parts = text.split(",")
@@ -455,7 +456,7 @@ def _shape(text: str) -> Shape:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", type=_shape, default=MISSION, metavar="mission|B,H,S,D",
+    parser.add_argument("--shape", type=parse_shape, default=MISSION, metavar="mission|B,H,S,D",
                         help="single-shape mode's shape (default: mission = 1,8,512,64)")
     parser.add_argument("--iters", type=_positive, default=100,
                         help="CUDA-graph replays timed per backend in single-shape mode (default 100)")

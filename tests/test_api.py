@@ -74,8 +74,8 @@ class FakeCudaTensor:
     ("baseline", 48, torch.bfloat16, "supports head dims 32, 64, 80, 96, 128, got 48"),
     ("wmma", 64, torch.float32, "takes float16 or bfloat16, got torch.float32"),
     ("triton", 20, torch.float16, "supports head dims 32 to 256 in steps of 8, got 20"),
-    ("hopper", 256, torch.float16, "supports head dims 32 to 128 in steps of 8, got 256"),
-    ("hopper", 100, torch.bfloat16, "supports head dims 32 to 128 in steps of 8, got 100"),
+    ("hopper", 264, torch.float16, "supports head dims 32 to 256 in steps of 8, got 264"),
+    ("hopper", 100, torch.bfloat16, "supports head dims 32 to 256 in steps of 8, got 100"),
 ])
 def test_rung_limits_are_explained(rung, dim, dtype, match):
     t = FakeCudaTensor(dtype, dim)

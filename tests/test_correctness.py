@@ -69,24 +69,38 @@ def test_many_tiles_at_head_dim_64(rung, shape, causal):
     check_forward(rung, q, k, v, causal)
 
 
-@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dim", [64, 128, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("rung", RUNGS)
 def test_tiles_with_and_without_keys_on_one_cta(rung, dim):
     """Causal with Sq > Sk over 1024 tiles (GQA): each persistent CTA walks tiles that see keys and
-    tiles that see none (zeros), through one K/V ring and one ping-pong order."""
+    tiles that see none (zeros), through one K/V ring and one ping-pong order; at D=256 `hopper`
+    stages each output in its tile's Q buffer, which the next tile's Q may only overwrite once
+    the output is stored."""
     q, k, v = make_qkv(2, 64, 8, 1024, 300, dim, dtype=torch.float16, device="cuda")
     check_forward(rung, q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("dim", [40, 64, 96, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dim", [40, 64, 96, 128, 200], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_few_query_tiles_many_keys(rung, causal, dim):
-    """2 heads × 200 query rows against 4000 keys (GQA, ragged last key tile): too few tiles for
+    """2 heads × 200 query rows against 8200 keys (GQA, ragged last key tile): too few tiles for
     the SMs, so `hopper` splits each tile's keys over a cluster of CTAs (at D ≤ 64 also between
     its two consumers, sharing 64-row tiles) and merges the parts in-kernel; D=40 and 96 run the
-    D=64 and D=128 kernels on zero-padded columns, which the merge must not write."""
-    q, k, v = make_qkv(1, 2, 1, 200, 4000, dim, dtype=torch.bfloat16, device="cuda")
+    D=64 and D=128 kernels on zero-padded columns, which the merge must not write; D ≥ 80 takes
+    176-key tiles there. D=200 runs the D=256 kernel, which has no few-tile modes: one CTA per
+    tile, every key."""
+    q, k, v = make_qkv(1, 2, 1, 200, 8200, dim, dtype=torch.bfloat16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_long_keys_over_many_tiles(rung, causal):
+    """40 heads × 8 query tiles against 5000 keys at D=128 (GQA, ragged ends): `hopper` takes
+    176-key tiles with one Q buffer per CTA, in which each tile's output is staged; every CTA
+    walks several tiles, so each next Q must wait for the previous output's store."""
+    q, k, v = make_qkv(1, 40, 8, 1000, 5000, 128, dtype=torch.float16, device="cuda")
     check_forward(rung, q, k, v, causal)
 
 
@@ -141,9 +155,9 @@ def test_custom_scale(rung):
 
 
 def test_auto_picks_the_fastest_rung_that_fits():
-    """hopper on sm_90 for its head dims, triton for the rest and for gradients."""
+    """hopper on sm_90 for its head dims (32–256), triton elsewhere and for gradients."""
     for dim, expected in ((64, "hopper" if HOPPER else "triton"), (80, "hopper" if HOPPER else "triton"),
-                          (160, "triton")):
+                          (160, "hopper" if HOPPER else "triton")):
         q, k, v = make_qkv(1, 2, 2, 64, 64, dim, dtype=torch.float16, device="cuda")
         assert flashcore.api._select("auto", q, k, v, False, False).name == expected
         assert flashcore.api._select("auto", q, k, v, False, True).name == "triton"

@@ -65,25 +65,28 @@ def sass_by_kernel(obj: Path) -> dict[str, str]:
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.skipif(jit.cuobjdump() is None, reason="cuobjdump not found (CUDA or Triton)")
 def test_hopper_kernel_machine_code(tmp_path):
-    """Per instantiation: warpgroup MMAs (HGMMA) for both GEMMs, no local memory at all, the
-    register cap of 1 CTA at entry, then setmaxnreg moving registers from the producer
-    warpgroup to the consumers: two consumers (384 threads) 168 → 40 / 232, three (512 threads,
-    D=64 only) 128 → 32 / 160. And ptxas kept the wgmmas asynchronous: its "serialized"
-    warnings (C7514, C7520) cost 15–20% once (docs/notes.md)."""
+    """Per instantiation (head dim, consumers, keys per tile): warpgroup MMAs (HGMMA) of the
+    designed shapes for both GEMMs, no local memory at all, the register cap of 1 CTA at entry,
+    then setmaxnreg moving registers from the producer warpgroup to the consumers: two
+    consumers (384 threads) 168 → 40 / 232, three (512 threads, D=64 only) 128 → 32 / 160. And
+    ptxas kept the wgmmas asynchronous: its "serialized" warnings (C7514, C7520) cost 15–20%
+    once (docs/notes.md)."""
     obj = tmp_path / "hopper.o"
     report = compile_kernels(jit.CSRC / "hopper.cu", TARGETS["sm_90a"], obj)
     assert "serialized" not in report, report
     registers = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers",
                                 report, flags=re.S))
     sass = sass_by_kernel(obj)
-    kinds = sorted(re.search(r"Li(\d+)ELi(\d)E", kernel).groups() for kernel in sass)
-    assert kinds == [("128", "2")] * 2 + [("64", "2")] * 2 + [("64", "3")] * 2, \
-        f"expected fp16/bf16 × (D=64 with 2 and 3 consumers, D=128 with 2), got {list(sass)}"
+    shape = re.compile(r"ConfigI\w+?Li(\d+)ELi(\d)ELi(\d+)E")
+    kinds = sorted(shape.search(kernel).groups() for kernel in sass)
+    expected = [("128", "2", "128"), ("128", "2", "176"), ("256", "2", "80"), ("64", "2", "128"),
+                ("64", "3", "128")]
+    assert kinds == sorted(expected * 2), f"expected fp16/bf16 × {expected}, got {list(sass)}"
     budgets = {"2": ("168", 0x28, 0xE8), "3": ("128", 0x20, 0xA0)}  # entry, producer, consumers
     for kernel, code in sass.items():
-        dim, consumers = re.search(r"Li(\d+)ELi(\d)E", kernel).groups()
+        dim, consumers, keys = shape.search(kernel).groups()
         entry, producer, consumer = budgets[consumers]
-        assert re.search(r"HGMMA\.64x128x16\.F32", code), f"{kernel}: no Q·Kᵀ wgmma"
+        assert re.search(rf"HGMMA\.64x{keys}x16\.F32", code), f"{kernel}: no Q·Kᵀ wgmma"
         assert re.search(rf"HGMMA\.64x{dim}x16\.F32", code), f"{kernel}: no P·V wgmma"
         assert not re.search(r"\b(LDL|STL)\b", code), f"{kernel}: local memory traffic"
         assert registers[kernel] == entry, f"{kernel}: {registers[kernel]} registers at entry"

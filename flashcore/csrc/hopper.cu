@@ -2,7 +2,8 @@
 //
 // What it adds over `triton`: the Hopper machinery by hand.
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
-//     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early);
+//     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early,
+//     where shared memory holds them; else one, which also stages the output);
 //     each stage completes on a "full" mbarrier and is handed back on an "empty" one. It
 //     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. At D=64,
 //     when 192-row tiles fill the GPU, three consumers (32 / 160 registers): a consumer's
@@ -15,8 +16,9 @@
 //     and the softmax of tile n runs while that P·V is on the tensor cores. Between the
 //     consumers, ping-pong: they take turns issuing GEMMs (named barriers), so one's softmax
 //     hides under the others' GEMMs.
-//   - Epilogue: O normalised in registers, written swizzled to shared memory, stored by TMA
-//     (rows past the end are clipped); LSE from registers.
+//   - Epilogue: O normalised in registers, written swizzled to shared memory (its own buffer,
+//     or the consumer's rows of Q), stored by TMA (rows past the end are clipped); LSE from
+//     registers.
 //   - Persistent grid: one CTA per SM; the producer picks each tile and hands its index to the
 //     consumers with its Q. Static rounds alternating direction; causal: longest tiles first
 //     within sections of half a round of heads (balanced loads, a head's K/V stays in L2), or,
@@ -30,18 +32,24 @@
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost.
 //
-// Head dims 32–128 in steps of 8: up to 64 run the D=64 kernel, the rest the D=128 one; TMA
-// fills the columns past the head dim with zeros on loads and clips them on the output store,
-// so the padding costs MMA work only (D=96: 3/4 of the D=128 kernel's useful rate).
+// Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles,
+// or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
+// buffer, so shorter launches lose more to each tile's wait for its store and next Q); D=256
+// with 80-key tiles (its 64×256 output takes 128 registers; 80 keys measured 6–9% over 64) and
+// one Q buffer, without the few-tile modes (they spilled).
+// Head dims 32–256 in steps of 8 run the next larger kernel; TMA fills the columns past the
+// head dim with zeros on loads and clips them on the output store, so the padding costs MMA
+// work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 15:44; cuDNN in the same run): forward 0.85–1.14× cuDNN over the BENCH
-// grid (D=64 non-causal 377–494 TFLOP/s, D=128 423–555); mission shape 7.4 / 7.5 µs against
-// cuDNN's 9.3 / 9.5 (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History:
-// docs/notes.md (Phase 3).
+// Measured (H100, runs 16:28 and 16:33; cuDNN in the same run): forward 0.84–1.14× cuDNN over
+// the BENCH grid (D=64 non-causal 367–506 TFLOP/s, D=128 437–624), ≥ 1.0× at 12 of 24 points
+// in both runs; D=256 0.82–1.06× (non-causal 598–686); mission shape 7.2 / 7.8 µs against cuDNN's
+// 9.4 / 9.6 (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md.
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "hopper_ptx.cuh"
@@ -51,45 +59,70 @@ namespace {
 
 using namespace sm90;
 
-// Consumer warpgroups (kConsumers, a template parameter): 2, or 3 at D=64 when the tiles fill
-// the GPU (more warps to hide each one's softmax latency; 192-row tiles).
 constexpr int kRowsPerConsumer = 64;           // the M of one wgmma
-constexpr int kBlockN = 128;                   // keys per K/V tile
-template <int kConsumers> constexpr int kBlockM = kConsumers * kRowsPerConsumer;
-template <int kConsumers> constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-// Registers per thread after setmaxnreg: 128 × (producer + kConsumers × consumer) ≤ 64K.
-template <int kConsumers> constexpr int kProducerRegisters = kConsumers == 2 ? 40 : 32;
-template <int kConsumers> constexpr int kConsumerRegisters = kConsumers == 2 ? 232 : 160;
 constexpr int kMmaK = 16;                      // the K of one 16-bit wgmma
 constexpr int kMaxSplits = 8;                  // CTAs of a split-KV cluster (portable maximum)
 constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split keeps, at least
+constexpr int kSharedMemoryBytes = 227 * 1024;  // an H100 SM's shared memory per block
 
-template <typename T, int kHeadDim, int kConsumers>
-struct SharedStorage {
+// One kernel: element type, head dim (64, 128 or 256), consumer warpgroups (2, or 3 at D=64
+// when the tiles fill the GPU: more warps to hide each one's softmax latency) and keys per K/V
+// tile (128; 176 at D=128 over long keys; 80 at D=256, where the output takes 128 registers).
+template <typename T_, int kHeadDim_, int kConsumers_, int kBlockN_>
+struct Config {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_, kConsumers = kConsumers_, kBlockN = kBlockN_;
+  static constexpr int kBlockM = kConsumers * kRowsPerConsumer;
+  static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+  // Registers per thread after setmaxnreg: 128 × (producer + kConsumers × consumer) ≤ 64K.
+  static constexpr int kProducerRegisters = kConsumers == 2 ? 40 : 32;
+  static constexpr int kConsumerRegisters = kConsumers == 2 ? 232 : 160;
   static constexpr int kChunks = kHeadDim / kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
-  static constexpr int kQBuffers = 2;  // the next tile's Q loads while this one's finishes
-  T q[kQBuffers][kChunks][kBlockM<kConsumers> * kChunkElems];
-  T k[kStages][kChunks][kBlockN * kChunkElems];
-  T v[kStages][kChunks][kBlockN * kChunkElems];
-  T o[kConsumers][kChunks][kRowsPerConsumer * kChunkElems];
+  // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
+  // holds them and the output's staging; else one, and each consumer stages its output in its
+  // own rows of Q (the next Q then loads once the output is stored). 2 KB: the barriers and
+  // the 1 KB alignment.
+  static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
+  static constexpr int kKVBytes = 2 * kStages * kBlockN * kHeadDim * sizeof(T);
+  static constexpr int kQBuffers = 3 * kQBytes + kKVBytes + 2048 <= kSharedMemoryBytes ? 2 : 1;
+  // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128).
+  static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
+  static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
+  static constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
+};
+
+template <class C>
+struct SharedStorage {
+  using T = typename C::T;
+  static constexpr int kChunks = C::kChunks, kStages = C::kStages, kQBuffers = C::kQBuffers;
+  static constexpr bool kOwnOutput = kQBuffers == 2;  // output staging of its own, or in Q
+  T q[kQBuffers][kChunks][C::kBlockM * kChunkElems];
+  T k[kStages][kChunks][C::kBlockN * kChunkElems];
+  T v[kStages][kChunks][C::kBlockN * kChunkElems];
+  std::conditional_t<kOwnOutput, T[C::kConsumers][kChunks][kRowsPerConsumer * kChunkElems], char> o;
   int tile[kQBuffers];  // the tile whose Q is in each buffer, published with q_full
   uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 
-  // Split keys, over the K/V stages (free by then). Cluster: the unnormalised results of its
-  // CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this CTA's
-  // share of R rows); rows padded by 8 floats so a warp's row-strided writes spread over the
-  // banks. Shared rows: first, consumer 1's accumulator registers for consumer 0 to fold in.
+  // Split keys, over buffers free by then. Cluster (over Q, K and V): the unnormalised results
+  // of its CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this
+  // CTA's share of R rows); rows padded by 8 floats so a warp's row-strided writes spread over
+  // the banks. Shared rows (over K and V): consumer 1's accumulator registers for consumer 0.
   struct Partial {
-    float o[kBlockM<kConsumers>][kHeadDim + 8];
-    float max[kBlockM<kConsumers>], sum[kBlockM<kConsumers>];  // log2-scaled running max, full row sum
+    float o[C::kBlockM][C::kHeadDim + 8];
+    float max[C::kBlockM], sum[C::kBlockM];  // log2-scaled running max, full row sum
   };
-  using Fragments = float[kHeadDim / 2 + 4][kWarpgroupThreads];  // O, then max and sum of 2 rows
-  static_assert(sizeof(Partial) <= sizeof(k) + sizeof(v) && sizeof(Fragments) <= sizeof(k) + sizeof(v),
-                "split-key results must fit over K and V");
-  __device__ Partial& partial() { return *reinterpret_cast<Partial*>(k); }
+  using Fragments = float[C::kHeadDim / 2 + 4][kWarpgroupThreads];  // O, then max and sum of 2 rows
+  static_assert(sizeof(Partial) <= sizeof(q) + sizeof(k) + sizeof(v) &&
+                sizeof(Fragments) <= sizeof(k) + sizeof(v), "split-key results must fit");
+  __device__ Partial& partial() { return *reinterpret_cast<Partial*>(q); }
   __device__ Fragments& fragments() { return *reinterpret_cast<Fragments*>(k); }
+  // Chunk c of the output staging of the 64 rows from `first_row` of Q buffer qb's tile.
+  __device__ T* output(int qb, int first_row, int c) {
+    if constexpr (kOwnOutput) return o[first_row / kRowsPerConsumer][c];
+    else return &q[qb][c][first_row * kChunkElems];
+  }
 };
 
 struct TensorMaps {
@@ -107,8 +140,14 @@ struct Schedule {
   int splits;                       // CTAs per tile (a cluster), 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
   int* next_tile;                   // dynamic scheduling: a zeroed counter; else null
-  __device__ bool shared_rows() const { return tile_rows < 2 * kRowsPerConsumer; }
 };
+// The few-tile modes (compiled out of the kernels without them).
+template <class C> __device__ __forceinline__ bool shares_rows(const Schedule& w) {
+  return C::kFewTileModes && w.tile_rows < 2 * kRowsPerConsumer;
+}
+template <class C> __device__ __forceinline__ bool splits_keys(const Schedule& w) {
+  return C::kFewTileModes && w.splits > 1;
+}
 // The tile a CTA (a cluster, in split-KV) takes in `round` of a static schedule: rounds
 // alternate direction, so a CTA that took one of a round's longest tiles takes one of the
 // next round's shortest.
@@ -142,6 +181,7 @@ __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, 
 struct KeyRange {
   int begin, end;
 };
+template <int kBlockN>
 __device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
   const int n = ceil_div(visible_keys(p, min(p.seqlen_q, t.row + w.tile_rows) - 1), kBlockN);
   const int rank = blockIdx.x % w.splits;
@@ -176,10 +216,10 @@ __device__ __forceinline__ void warp_release(uint64_t* bar) {
 }
 
 // The producer: one thread issues every TMA load of the CTA's tiles.
-template <typename T, int kHeadDim, int kConsumers>
-__device__ void produce(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim, kConsumers>& s, const Schedule& w) {
-  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
+template <class C>
+__device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStorage<C>& s,
+                        const Schedule& w) {
+  using Smem = SharedStorage<C>;
   constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
   const int group = p.heads_q / p.heads_kv;
   int kv_iter = 0, index = tile_index(w, 0);
@@ -195,7 +235,7 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
     // Asked for now, so the answer is back long before it is needed.
     const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
     const Tile t = tile_at(p, w, index);
-    const KeyRange keys = key_range(p, w, t);
+    const KeyRange keys = key_range<C::kBlockN>(p, w, t);
     const int head_kv = t.head / group;
     mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
@@ -204,13 +244,13 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
     for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
       const int stage = kv_iter % Smem::kStages;
       // Key tile n of K (then V) into the stage, once the consumers have handed it back.
-      const auto load = [&](T (&dst)[Smem::kChunks][kBlockN * kChunkElems], const CUtensorMap* map,
+      const auto load = [&](auto& dst, const CUtensorMap* map,
                             uint64_t* full, uint64_t* empty) {
         mbar_wait(empty, ring_phase(kv_iter, Smem::kStages) ^ 1);
         mbar_arrive_expect_tx(full, kKVBytes);
 #pragma unroll
         for (int c = 0; c < Smem::kChunks; ++c)
-          tma_load(dst[c], map, full, c * kChunkElems, n * kBlockN, head_kv, t.batch);
+          tma_load(dst[c], map, full, c * kChunkElems, n * C::kBlockN, head_kv, t.batch);
       };
       load(s.k[stage], &maps.k, &s.k_full[stage], &s.k_empty[stage]);
       load(s.v[stage], &maps.v, &s.v_full[stage], &s.v_empty[stage]);
@@ -222,35 +262,31 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps,
 // ---- consumer pieces: one thread's share of a warpgroup's 64-row fragments ----------------
 // Accumulator entry 4t + 2i + j of a thread sits at row `row + 8i` of the consumer's 64 and
 // column 8t + `col` + j (hopper_ptx.cuh); i picks one of the thread's two rows.
-constexpr int kScoreRegs = kBlockN / 2;
-constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
 
-// S = Q·Kᵀ for the consumer's 64 rows and the 128 keys of a stage; asynchronous (committed).
-template <typename T, int kHeadDim, int kConsumers>
-__device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<T, kHeadDim, kConsumers>& s,
-                                         int qb, int stage, int first_row) {
+// S = Q·Kᵀ for the consumer's 64 rows and the keys of a stage; asynchronous (committed).
+template <class C>
+__device__ __forceinline__ void issue_qk(float (&sc)[C::kScoreRegs], SharedStorage<C>& s, int qb,
+                                         int stage, int first_row) {
 #pragma unroll
-  for (int kk = 0; kk < kHeadDim / kMmaK; ++kk) {
+  for (int kk = 0; kk < C::kHeadDim / kMmaK; ++kk) {
     const int chunk = kk / 4, offset = (kk % 4) * kMmaK;  // 4 K steps per 64-element chunk
-    const T* q = &s.q[qb][chunk][first_row * kChunkElems + offset];
-    Wgmma<T>::ss_n128(sc, smem_desc(q, 16, kSwizzleAtomBytes),
-                      smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
+    const auto* q = &s.q[qb][chunk][first_row * kChunkElems + offset];
+    Wgmma<typename C::T>::ss(sc, smem_desc(q, 16, kSwizzleAtomBytes),
+                             smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
   }
   wgmma_commit();
 }
 
 // O += P·V, P from registers, V MN-major (head dim contiguous); asynchronous (committed).
-template <typename T, int kHeadDim, int kConsumers>
-__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
-                                         const uint32_t (&pa)[kPSteps][4],
-                                         SharedStorage<T, kHeadDim, kConsumers>& s, int stage) {
-  constexpr uint32_t kChunkBytes = kBlockN * kSwizzleBytes;  // between V's 64-column chunks
+template <class C>
+__device__ __forceinline__ void issue_pv(float (&o)[C::kHeadDim / 2], const uint32_t (&pa)[C::kPSteps][4],
+                                         SharedStorage<C>& s, int stage) {
+  constexpr uint32_t kChunkBytes = C::kBlockN * kSwizzleBytes;  // between V's 64-column chunks
 #pragma unroll
-  for (int kk = 0; kk < kPSteps; ++kk) {
+  for (int kk = 0; kk < C::kPSteps; ++kk) {
     const uint64_t v = smem_desc(&s.v[stage][0][kk * kMmaK * kChunkElems], kChunkBytes,
                                  kSwizzleAtomBytes);
-    if constexpr (kHeadDim == 64) Wgmma<T>::rs_n64(o, pa[kk], v, true);
-    else Wgmma<T>::rs_n128(o, pa[kk], v, true);
+    Wgmma<typename C::T>::rs(o, pa[kk], v, true);
   }
   wgmma_commit();
 }
@@ -258,6 +294,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
 // Online softmax of one score tile, in place: masks keys at or past each row's limit (tiles
 // that hold such keys only), raises the running maxima, and turns scores into unnormalised
 // probabilities exp2(s·scale·log2e − max). Returns each row's correction for the output.
+template <int kScoreRegs>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoftmax (&row)[2],
                                              float (&correction)[2], bool masked, int first_key,
                                              const int (&limit)[2], float scale_log2) {
@@ -268,7 +305,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
   }
   // Short dependency chains (4 partial maxima and 2 partial sums per row, both rows at once):
   // a warp's softmax is latency-bound, with one other consumer warp per scheduler to hide it.
-  constexpr int kPairs = kBlockN / 8;  // a thread's (two-column) pairs in each of its rows
+  constexpr int kPairs = kScoreRegs / 4;  // a thread's (two-column) pairs in each of its rows
   float mx[2][4], shift[2], sum[2][2] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -296,10 +333,10 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
 }
 
 // P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles.
-template <typename T>
-__device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kPSteps][4]) {
+template <typename T, int kScoreRegs>
+__device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kScoreRegs / 8][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kPSteps; ++kk)
+  for (int kk = 0; kk < kScoreRegs / 8; ++kk)
 #pragma unroll
     for (int j = 0; j < 4; ++j) pa[kk][j] = pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]);
 }
@@ -320,10 +357,12 @@ template <int kConsumers>
 __device__ __forceinline__ void wait_turn(int consumer) {
   named_barrier_sync(kTurnBarrier<kConsumers> + consumer, 2 * kWarpgroupThreads);
 }
-// The turn passes to the next consumer, c + 1 mod kConsumers, read from a table of 4-bit
-// entries: ptxas serialises every wgmma (C7520) when the barrier id comes from `%`.
+// The turn passes to the next consumer, c + 1 mod kConsumers: for two, 1 − c; for more, read
+// from a table of 4-bit entries (ptxas serialises every wgmma, C7520, when the barrier id
+// comes from `%`).
 template <int kConsumers>
 __device__ __forceinline__ int next_turn_barrier(int consumer) {
+  if constexpr (kConsumers == 2) return kTurnBarrier<2> + 1 - consumer;
   constexpr unsigned kNext = [] {
     unsigned table = 0;
     for (int c = 0; c < kConsumers; ++c) table |= unsigned((c + 1) % kConsumers) << (4 * c);
@@ -338,15 +377,17 @@ __device__ __forceinline__ void pass_turn(int next_turn_barrier) {
 // A consumer warpgroup: 64 query rows of each tile, from Q·Kᵀ to the stored output.
 // Software-pipelined: the Q·Kᵀ of the next key tile is issued with the P·V of the current
 // one, and the softmax of the next runs while that P·V is still on the tensor cores.
-template <typename T, int kHeadDim, int kConsumers>
-__device__ void consume(const AttnParams& p, const TensorMaps& maps,
-                        SharedStorage<T, kHeadDim, kConsumers>& s, const Schedule& w, int consumer) {
-  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
+template <class C>
+__device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStorage<C>& s,
+                        const Schedule& w, int consumer) {
+  using Smem = SharedStorage<C>;
+  using T = typename C::T;
+  constexpr int kHeadDim = C::kHeadDim, kConsumers = C::kConsumers, kBlockN = C::kBlockN;
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
   // Rows: this consumer's 64 of the tile, or all 64 when the consumers share them (and take
   // every other key tile: consumer c the c-th from the end, then every kConsumers-th).
-  const bool shared = kConsumers == 2 && w.shared_rows();  // (sharing is for two only)
+  const bool shared = shares_rows<C>(w);
   const int first_row = shared ? 0 : consumer * kRowsPerConsumer;
   const int row_in_tile = first_row + warp * 16 + lane / 4;  // i = 0
   const int col = 2 * (lane % 4);
@@ -362,15 +403,15 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     const int index = atomicAdd(&s.tile[qb], 0);
     if (index >= w.tiles) break;
     const Tile t = tile_at(p, w, index);
-    const KeyRange keys = key_range(p, w, t);
+    const KeyRange keys = key_range<kBlockN>(p, w, t);
     // Key tiles at or past this index hold keys some row of the CTA tile must not see.
     const int first_masked = visible_keys(p, t.row) / kBlockN;
     int limit[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
     OnlineSoftmax row[2];
-    float o[kHeadDim / 2], sc[kScoreRegs], correction[2];
-    uint32_t pa[kPSteps][4];
+    float o[kHeadDim / 2], sc[C::kScoreRegs], correction[2];
+    uint32_t pa[C::kPSteps][4];
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
 
@@ -382,21 +423,30 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       const int tiles = max(0, ceil_div(keys.end - keys.begin - (shared ? c : 0), step));
       return tiles > 0 ? tiles + 1 : 0;
     };
-    // S of key tile n is in registers: hand its K stage back (and Q after the last).
+    // S of key tile n is in registers: hand its K stage back (and Q after the last, unless
+    // the output is staged in it).
     const auto release_k = [&] {
       warp_release(&s.k_empty[stage]);
-      if (n - step < keys.begin) warp_release(&s.q_empty[qb]);
+      if (Smem::kOwnOutput && n - step < keys.begin) warp_release(&s.q_empty[qb]);
+    };
+    // Output staged in Q: Q goes back once the output's store has read it (or was not needed).
+    const auto release_q_late = [&] {
+      if constexpr (!Smem::kOwnOutput) {
+        if (thread == 0) tma_store_wait_read();
+        named_barrier_sync(1 + consumer, kWarpgroupThreads);
+        warp_release(&s.q_empty[qb]);
+      }
     };
     // The P·V reading stage `pv` is done: its registers are final, its V stage goes back.
     const auto finish_pv = [&](int pv) {
       wgmma_wait<0>();
       fence_registers(o);
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk) fence_registers(pa[kk]);
+      for (int kk = 0; kk < C::kPSteps; ++kk) fence_registers(pa[kk]);
       warp_release(&s.v_empty[pv]);
     };
-    if (n < keys.begin) {
-      warp_release(&s.q_empty[qb]);  // no keys: the output rows are zeros
+    if (n < keys.begin) {  // no keys: the output rows are zeros
+      if (Smem::kOwnOutput) warp_release(&s.q_empty[qb]);
     } else {
       // Prologue: S of the first key tile alone.
       wait_turn<kConsumers>(consumer);
@@ -473,8 +523,9 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
           o[r] = o[r] * mine[(r / 2) % 2] + frag[r][thread] * theirs[(r / 2) % 2];
       }
     }
-    if (kConsumers == 2 && w.splits > 1) {  // cluster: send each row's result to the CTA merging it
-      cluster_sync();      // every CTA of the cluster is done with its K/V stages
+    if (splits_keys<C>(w)) {  // cluster: send each row's result to the CTA merging it
+      release_q_late();    // before the cluster barrier, which the producer joins once Q is back
+      cluster_sync();      // every CTA of the cluster is done with its Q and K/V stages
       if (!shared || consumer == 0) {
         auto& part = s.partial();
         const int rows = w.tile_rows / w.splits, rank = blockIdx.x % w.splits;
@@ -492,7 +543,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
       }
       continue;  // one tile per CTA in this mode
     }
-    if (shared && consumer == 1) continue;  // its results went to consumer 0
+    if (shared && consumer == 1) {  // its results went to consumer 0
+      release_q_late();
+      continue;
+    }
 
     // Epilogue: O / sum → swizzled shared memory → TMA store; LSE from the quad leaders.
     float out_scale[2];
@@ -504,7 +558,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; r += 2) {
       const int i = (r / 2) % 2, c = (r / 4) * 8 + col;
-      char* chunk = reinterpret_cast<char*>(s.o[consumer][c / kChunkElems]);
+      char* chunk = reinterpret_cast<char*>(s.output(qb, first_row, c / kChunkElems));
       *reinterpret_cast<uint32_t*>(chunk + swizzled_offset(warp * 16 + lane / 4 + 8 * i, c % kChunkElems)) =
           pack2(T{}, o[r] * out_scale[i], o[r + 1] * out_scale[i]);
     }
@@ -513,9 +567,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
     if (thread == 0) {
 #pragma unroll
       for (int c = 0; c < Smem::kChunks; ++c)
-        tma_store(&maps.o, s.o[consumer][c], c * kChunkElems, t.row + first_row, t.head, t.batch);
+        tma_store(&maps.o, s.output(qb, first_row, c), c * kChunkElems, t.row + first_row, t.head, t.batch);
       tma_store_commit();
     }
+    release_q_late();
     if (p.lse && lane % 4 == 0) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -531,10 +586,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps,
 // Split-KV epilogue, after a cluster barrier: this CTA's R = tile rows / splits rows (R·rank
 // onwards), merged from the results the cluster's CTAs stored here, and written out. One thread
 // per 4 columns of a row; `thread` counts the consumers' threads.
-template <typename T, int kHeadDim, int kConsumers>
-__device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T, kHeadDim, kConsumers>& s,
-                        int thread) {
-  constexpr int kRowThreads = kHeadDim / 4, kRowsPerPass = kConsumers * kWarpgroupThreads / kRowThreads;
+template <class C>
+__device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<C>& s, int thread) {
+  using T = typename C::T;
+  constexpr int kRowThreads = C::kHeadDim / 4, kRowsPerPass = C::kConsumers * kWarpgroupThreads / kRowThreads;
   const Tile t = tile_at(p, w, tile_index(w, 0));
   const int rows = w.tile_rows / w.splits, col = thread % kRowThreads * 4;
   const auto& part = s.partial();
@@ -562,17 +617,17 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<T,
   }
 }
 
-template <typename T, int kHeadDim, int kConsumers>
-__global__ void __launch_bounds__(kThreads<kConsumers>, 1)
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
     hopper_kernel(const AttnParams p, const __grid_constant__ TensorMaps maps, const Schedule w) {
-  using Smem = SharedStorage<T, kHeadDim, kConsumers>;
+  using Smem = SharedStorage<C>;
   extern __shared__ char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
   const int role = warpgroup_index();
   if (threadIdx.x == 0) {
-    constexpr int kConsumerWarps = kConsumers * kWarpgroupThreads / 32;
-    const int kv_readers = kConsumers == 2 && w.shared_rows() ? kConsumerWarps / kConsumers : kConsumerWarps;
+    constexpr int kConsumerWarps = C::kConsumers * kWarpgroupThreads / 32;
+    const int kv_readers = shares_rows<C>(w) ? kConsumerWarps / C::kConsumers : kConsumerWarps;
     for (int i = 0; i < Smem::kQBuffers; ++i) {
       mbar_init(&s.q_full[i], 1);
       mbar_init(&s.q_empty[i], kConsumerWarps);
@@ -587,7 +642,7 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
   }
   __syncthreads();
   if (role == 0) {
-    regs_shrink_to<kProducerRegisters<kConsumers>>();
+    regs_shrink_to<C::kProducerRegisters>();
     if (threadIdx.x == 0) {
       tma_prefetch_map(&maps.q);
       tma_prefetch_map(&maps.k);
@@ -596,10 +651,10 @@ __global__ void __launch_bounds__(kThreads<kConsumers>, 1)
       produce(p, maps, s, w);
     }
   } else {
-    regs_grow_to<kConsumerRegisters<kConsumers>>();
+    regs_grow_to<C::kConsumerRegisters>();
     consume(p, maps, s, w, role - 1);
   }
-  if (kConsumers == 2 && w.splits > 1) {  // the consumers sent their results (two barriers)
+  if (splits_keys<C>(w)) {  // the consumers sent their results (two barriers)
     if (role == 0) cluster_sync();
     cluster_sync();
     if (role > 0) combine(p, w, s, threadIdx.x - kWarpgroupThreads);
@@ -650,13 +705,13 @@ bool make_map(CUtensorMap* map, const void* base, DType dtype, int dim, int seql
 }
 
 // A launch with clusters of `splits` CTAs (1: no cluster).
-template <typename T, int kHeadDim, int kConsumers>
+template <class C>
 struct ClusterLaunch {
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute cluster;
   ClusterLaunch(int ctas, int splits, int smem_bytes, cudaStream_t stream) {
     config.gridDim = dim3(ctas);
-    config.blockDim = dim3(kThreads<kConsumers>);
+    config.blockDim = dim3(C::kThreads);
     config.dynamicSmemBytes = smem_bytes;
     config.stream = stream;
     cluster.id = cudaLaunchAttributeClusterDimension;
@@ -670,14 +725,14 @@ struct ClusterLaunch {
 
 // Clusters of `splits` CTAs the GPU runs at once: fewer than SMs / splits, as a cluster's CTAs
 // must share one GPC (on an H100 with this kernel's 1 CTA per SM: 30 clusters of 4, not 33).
-template <typename T, int kHeadDim, int kConsumers>
+template <class C>
 int max_active_clusters(int splits, int smem_bytes, int device) {
   static int known[64][kMaxSplits + 1];  // per device and width: count + 1, 0 = not asked yet
   int& entry = known[device % 64][splits];
   if (entry == 0) {
-    const ClusterLaunch<T, kHeadDim, kConsumers> launch(splits, splits, smem_bytes, nullptr);
+    const ClusterLaunch<C> launch(splits, splits, smem_bytes, nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<T, kHeadDim, kConsumers>, &launch.config) != cudaSuccess)
+    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<C>, &launch.config) != cudaSuccess)
       clusters = 0;
     entry = clusters + 1;
   }
@@ -690,29 +745,29 @@ struct Plan {
   int ctas;
   bool dynamic;
 };
-template <typename T, int kHeadDim, int kConsumers>
+template <class C>
 Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   Schedule w{};
-  const int heads = p.batch * p.heads_q, key_tiles = ceil_div(p.seqlen_k, kBlockN);
+  const int heads = p.batch * p.heads_q, key_tiles = ceil_div(p.seqlen_k, C::kBlockN);
   // Few tiles: 64-row tiles, with the consumers sharing rows and splitting keys, if they fit in
   // one wave and each consumer keeps two K/V stages in flight (or the ring holds every key
   // tile): with one, each key tile waits for its own load (B=1 H=1 S=8k D=128: 95 µs, against
   // 64 split over clusters). Otherwise, or also, each tile's keys split over a cluster of CTAs,
   // as wide as still runs in one wave and leaves every consumer enough key tiles to pay for the
   // merge.
-  constexpr int kStages = SharedStorage<T, kHeadDim, kConsumers>::kStages;
-  const bool shared = kConsumers == 2 && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
+  constexpr int kConsumers = C::kConsumers, kStages = C::kStages;
+  const bool shared = C::kFewTileModes && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
                       key_tiles >= kConsumers &&
                       heads * ceil_div(p.seqlen_q, kRowsPerConsumer) <= sms;
-  w.tile_rows = shared ? kRowsPerConsumer : kBlockM<kConsumers>;
+  w.tile_rows = shared ? kRowsPerConsumer : C::kBlockM;
   w.m_blocks = ceil_div(p.seqlen_q, w.tile_rows);
   w.tiles = heads * w.m_blocks;
   w.splits = 1;
   const int sharing = shared ? kConsumers : 1;
-  for (int splits = 2; kConsumers == 2 && splits <= kMaxSplits &&
+  for (int splits = 2; C::kFewTileModes && splits <= kMaxSplits &&
                       key_tiles >= splits * sharing * kMinSplitKeyTiles;
        splits *= 2)
-    if (w.tiles <= max_active_clusters<T, kHeadDim, kConsumers>(splits, smem_bytes, device)) w.splits = splits;
+    if (w.tiles <= max_active_clusters<C>(splits, smem_bytes, device)) w.splits = splits;
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
   // of L2; then sections of the heads that fit, handed out dynamically.
   const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
@@ -722,7 +777,7 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
     int l2_bytes = 0;
     cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
     const int64_t kv_bytes = std::max<int64_t>(  // K and V of one query head's share
-        1, int64_t(2) * p.seqlen_k * kHeadDim * sizeof(T) * p.heads_kv / p.heads_q);
+        1, int64_t(2) * p.seqlen_k * C::kHeadDim * sizeof(typename C::T) * p.heads_kv / p.heads_q);
     const int fit = int(std::clamp<int64_t>(l2_bytes / 2 / kv_bytes, 1, heads));
     if (fit < w.section_heads) {
       w.section_heads = fit;
@@ -733,23 +788,22 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   return {w, ctas, dynamic};
 }
 
-template <typename T, int kHeadDim, int kConsumers>
+template <class C>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms) {
-  constexpr int kSmemBytes = sizeof(SharedStorage<T, kHeadDim, kConsumers>) + kSwizzleAtomBytes;
-  static_assert(kSmemBytes <= 227 * 1024, "over an H100 SM's shared memory per block");
-  const cudaError_t status =
-      allow_shared_memory<hopper_kernel<T, kHeadDim, kConsumers>>(kSmemBytes, device);
+  constexpr int kSmemBytes = sizeof(SharedStorage<C>) + kSwizzleAtomBytes;
+  static_assert(kSmemBytes <= kSharedMemoryBytes, "over an H100 SM's shared memory per block");
+  const cudaError_t status = allow_shared_memory<hopper_kernel<C>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
 
   TensorMaps maps;
   const bool ok =
-      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, kBlockM<kConsumers>) &&
-      make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, kBlockN) &&
-      make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, kBlockN) &&
+      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, C::kBlockM) &&
+      make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, C::kBlockN) &&
+      make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, C::kBlockN) &&
       make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
-  auto [w, ctas, dynamic] = plan<T, kHeadDim, kConsumers>(p, device, sms, kSmemBytes);
+  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes);
   // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
   if (dynamic) {
     cudaError_t s = cudaMallocAsync(&w.next_tile, sizeof(int), stream);
@@ -759,8 +813,8 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
       return s;
     }
   }
-  const ClusterLaunch<T, kHeadDim, kConsumers> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
-  const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<T, kHeadDim, kConsumers>, p, maps, w);
+  const ClusterLaunch<C> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
+  const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<C>, p, maps, w);
   if (dynamic) {
     const cudaError_t freed = cudaFreeAsync(w.next_tile, stream);
     if (launched == cudaSuccess) return freed;
@@ -771,22 +825,29 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
 }  // namespace
 
 cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
-  if (p.head_dim < 32 || p.head_dim > 128 || p.head_dim % 8) return cudaErrorInvalidValue;
+  if (p.head_dim < 32 || p.head_dim > 256 || p.head_dim % 8) return cudaErrorInvalidValue;
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
-  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : 128;
+  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
   // Three consumers (192-row tiles) at D=64 once those tiles fill the GPU; not for causal with
   // under 2k keys, where they measured 0–4% slower (+7–25% elsewhere, docs/notes.md).
   const bool three = kernel_dims.head_dim == 64 && !(p.causal && p.seqlen_k < 2048) &&
-                     int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, kBlockM<3>) >= sms;
-  return dispatch<64, 128>(kernel_dims, [&](auto tag) {
+                     int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms;
+  // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
+  // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
+  // −14% at 512 keys; docs/notes.md).
+  const bool wide = kernel_dims.head_dim == 128 &&
+                    p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
+  return dispatch<64, 128, 256>(kernel_dims, [&](auto tag) {
     using T = typename decltype(tag)::Elem;
     constexpr int kHeadDim = decltype(tag)::kHeadDim;
     if constexpr (kHeadDim == 64)
-      if (three) return launch<T, kHeadDim, 3>(p, stream, device, sms);
-    return launch<T, kHeadDim, 2>(p, stream, device, sms);
+      if (three) return launch<Config<T, 64, 3, 128>>(p, stream, device, sms);
+    if constexpr (kHeadDim == 128)
+      if (wide) return launch<Config<T, 128, 2, 176>>(p, stream, device, sms);
+    return launch<Config<T, kHeadDim, 2, kHeadDim == 256 ? 80 : 128>>(p, stream, device, sms);
   });
 }
 

@@ -166,57 +166,102 @@ template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[
 // warpgroup and lane l, register 4t + 2i + j holds row 16w + l/4 + 8i, column 8t + 2(l%4) + j.
 // The same registers, rounded to 16 bits in pairs, are the A fragment of a following
 // register-sourced wgmma with K = N: no data moves between threads.
+//
+// The wrappers, one overload per N (picked by the accumulator array's size), fp32 accumulation,
+// scale_d = accumulate:
+//   ss: D(64×N) (+)= A(64×16, smem, K-major) · B(16×N, smem, K-major)
+//   rs: D(64×N) (+)= A(64×16, registers) · B(16×N, smem, MN-major)
+// An asm template names its operands by number, so each N spells out its accumulator list
+// (%0 … %N/2−1, from groups of 8) and the numbers of the operands after it.
+#define FC_G0 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define FC_G1 "%8, %9, %10, %11, %12, %13, %14, %15"
+#define FC_G2 "%16, %17, %18, %19, %20, %21, %22, %23"
+#define FC_G3 "%24, %25, %26, %27, %28, %29, %30, %31"
+#define FC_G4 "%32, %33, %34, %35, %36, %37, %38, %39"
+#define FC_G5 "%40, %41, %42, %43, %44, %45, %46, %47"
+#define FC_G6 "%48, %49, %50, %51, %52, %53, %54, %55"
+#define FC_G7 "%56, %57, %58, %59, %60, %61, %62, %63"
+#define FC_G8 "%64, %65, %66, %67, %68, %69, %70, %71"
+#define FC_G9 "%72, %73, %74, %75, %76, %77, %78, %79"
+#define FC_G10 "%80, %81, %82, %83, %84, %85, %86, %87"
+#define FC_G11 "%88, %89, %90, %91, %92, %93, %94, %95"
+#define FC_G12 "%96, %97, %98, %99, %100, %101, %102, %103"
+#define FC_G13 "%104, %105, %106, %107, %108, %109, %110, %111"
+#define FC_G14 "%112, %113, %114, %115, %116, %117, %118, %119"
+#define FC_G15 "%120, %121, %122, %123, %124, %125, %126, %127"
+#define FC_LIST32 FC_G0 ", " FC_G1 ", " FC_G2 ", " FC_G3
+#define FC_LIST40 FC_LIST32 ", " FC_G4
+#define FC_LIST64 FC_LIST40 ", " FC_G5 ", " FC_G6 ", " FC_G7
+#define FC_LIST88 FC_LIST64 ", " FC_G8 ", " FC_G9 ", " FC_G10
+#define FC_LIST128 FC_LIST88 ", " FC_G11 ", " FC_G12 ", " FC_G13 ", " FC_G14 ", " FC_G15
 #define FC_ACC8(i)                                                                         \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define FC_ACC32 FC_ACC8(0), FC_ACC8(8), FC_ACC8(16), FC_ACC8(24)
-#define FC_ACC64 FC_ACC32, FC_ACC8(32), FC_ACC8(40), FC_ACC8(48), FC_ACC8(56)
-#define FC_REGS32                                                                          \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define FC_REGS64                                                                          \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
-  "%56, %57, %58, %59, %60, %61, %62, %63}"
-
-// wgmma for one element type ("f16" or "bf16"), fp32 accumulation, scale_d = accumulate:
-//   ss_n128: D(64×128) (+)= A(64×16, smem, K-major) · B(16×128, smem, K-major)
-//   rs_n64 / rs_n128: D(64×N) (+)= A(64×16, registers) · B(16×N, smem, MN-major)
+#define FC_ACC40 FC_ACC32, FC_ACC8(32)
+#define FC_ACC64 FC_ACC40, FC_ACC8(40), FC_ACC8(48), FC_ACC8(56)
+#define FC_ACC88 FC_ACC64, FC_ACC8(64), FC_ACC8(72), FC_ACC8(80)
+#define FC_ACC128 FC_ACC88, FC_ACC8(88), FC_ACC8(96), FC_ACC8(104), FC_ACC8(112), FC_ACC8(120)
+// ss: descriptors %A and %B; rs: A fragment %A0 … %A3 and descriptor %B; scale_d from %P.
+#define FC_SS(TYPES, N, LIST, ACC, A, B, P)                                                      \
+  static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t a, uint64_t b,         \
+                                            bool accumulate) {                                   \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #P ", 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32" TYPES " {" LIST "}, %" #A      \
+                 ", %" #B ", p, 1, 1, 0, 0; }"                                                  \
+                 : ACC : "l"(a), "l"(b), "r"(int(accumulate)));                                  \
+  }
+#define FC_RS(TYPES, N, LIST, ACC, A0, A1, A2, A3, B, P)                                         \
+  static __device__ __forceinline__ void rs(float (&d)[N / 2], const uint32_t (&a)[4],         \
+                                            uint64_t b, bool accumulate) {                       \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #P ", 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32" TYPES " {" LIST "}, {%" #A0    \
+                 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 1; }"                       \
+                 : ACC : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                     \
+                   "r"(int(accumulate)));                                                        \
+  }
 template <typename T> struct Wgmma;
-#define FC_DEFINE_WGMMA(ELEM, PTX_TYPE)                                                          \
-  template <> struct Wgmma<ELEM> {                                                               \
-    static __device__ __forceinline__ void ss_n128(float (&d)[64], uint64_t a, uint64_t b,      \
-                                                   bool accumulate) {                            \
-      asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"                                    \
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "      \
-                   FC_REGS64 ", %64, %65, p, 1, 1, 0, 0; }"                                      \
-                   : FC_ACC64 : "l"(a), "l"(b), "r"(int(accumulate)));                           \
-    }                                                                                            \
-    static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4],       \
-                                                  uint64_t b, bool accumulate) {                 \
-      asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"                                    \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " "       \
-                   FC_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1; }"                        \
-                   : FC_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),              \
-                     "r"(int(accumulate)));                                                      \
-    }                                                                                            \
-    static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4],      \
-                                                   uint64_t b, bool accumulate) {                \
-      asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"                                    \
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "      \
-                   FC_REGS64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1; }"                        \
-                   : FC_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),              \
-                     "r"(int(accumulate)));                                                      \
-    }                                                                                            \
+#define FC_DEFINE_WGMMA(ELEM, TYPES)                                          \
+  template <> struct Wgmma<ELEM> {                                            \
+    FC_SS(TYPES, 64, FC_LIST32, FC_ACC32, 32, 33, 34)                         \
+    FC_SS(TYPES, 80, FC_LIST40, FC_ACC40, 40, 41, 42)                         \
+    FC_SS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66)                        \
+    FC_SS(TYPES, 176, FC_LIST88, FC_ACC88, 88, 89, 90)                        \
+    FC_RS(TYPES, 64, FC_LIST32, FC_ACC32, 32, 33, 34, 35, 36, 37)             \
+    FC_RS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66, 67, 68, 69)            \
+    FC_RS(TYPES, 256, FC_LIST128, FC_ACC128, 128, 129, 130, 131, 132, 133)    \
   };
-FC_DEFINE_WGMMA(__half, "f16")
-FC_DEFINE_WGMMA(__nv_bfloat16, "bf16")
+FC_DEFINE_WGMMA(__half, ".f16.f16")
+FC_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
 #undef FC_DEFINE_WGMMA
-#undef FC_ACC8
+#undef FC_SS
+#undef FC_RS
+#undef FC_G0
+#undef FC_G1
+#undef FC_G2
+#undef FC_G3
+#undef FC_G4
+#undef FC_G5
+#undef FC_G6
+#undef FC_G7
+#undef FC_G8
+#undef FC_G9
+#undef FC_G10
+#undef FC_G11
+#undef FC_G12
+#undef FC_G13
+#undef FC_G14
+#undef FC_G15
+#undef FC_LIST32
 #undef FC_ACC32
+#undef FC_LIST40
+#undef FC_ACC40
+#undef FC_LIST64
 #undef FC_ACC64
-#undef FC_REGS32
-#undef FC_REGS64
+#undef FC_LIST88
+#undef FC_ACC88
+#undef FC_LIST128
+#undef FC_ACC128
+#undef FC_ACC8
 
 }  // namespace flashcore::sm90
