@@ -67,11 +67,12 @@ def main() -> int:
     trees = {str(path): path.resolve() for path in args.trees} | {"this tree": jit.CSRC}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     failures = []
+    shapes = [",".join(map(str, shape)) for shape in args.shapes]
+    worker_args = ["--worker", "--rung", args.rung, "--causal", args.causal,
+                   *(["--shapes", *shapes] if shapes else [])]
     for _ in range(args.passes):
         for name, csrc in trees.items():
-            shapes = [",".join(map(str, shape)) for shape in args.shapes]
-            out = subprocess.run([sys.executable, __file__, str(csrc), "--worker", "--rung", args.rung,
-                                  "--causal", args.causal, *(["--shapes", *shapes] if shapes else [])],
+            out = subprocess.run([sys.executable, __file__, str(csrc), *worker_args],
                                  check=True, capture_output=True, text=True).stdout
             for line in out.splitlines():
                 row = json.loads(line)

@@ -16,6 +16,7 @@ from .reference import reference_attention
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _VEC_BYTES = 16
+_HEAD_DIMS_32_TO_256 = tuple(range(32, 257, 8))  # triton and hopper (padded to 64/128/256)
 
 
 class Backend:
@@ -131,7 +132,7 @@ class TritonRung(GpuRung):
     name = "triton"
     has_backward = True
     interpretable = True
-    head_dims = tuple(range(32, 257, 8))
+    head_dims = _HEAD_DIMS_32_TO_256
     min_capability = (8, 0)
 
     @functools.cached_property
@@ -157,7 +158,7 @@ _LADDER: tuple[Backend, ...] = (
     TritonRung(),
     # wgmma and setmaxnreg exist on sm_90a only; TMA needs 16-byte aligned rows. Head dims other
     # than 64, 128 and 256 run the next larger kernel, TMA zero-filling the missing columns.
-    CudaRung("hopper", head_dims=tuple(range(32, 257, 8)), min_capability=(9, 0),
+    CudaRung("hopper", head_dims=_HEAD_DIMS_32_TO_256, min_capability=(9, 0),
              max_capability=(9, 0), needs_16b_rows=True),
 )
 REFERENCE = Reference()
