@@ -2,10 +2,12 @@
 
 What it adds over `wmma`: register-resident tiles (Triton lays fragments out itself, so the
 running output is rescaled in registers, not shared memory), software pipelining of the K/V
-loads (num_stages; on Hopper at head dim 128 and >= 4k keys through TMA descriptors), tile
-shapes autotuned per (head dim, causal, dtype, problem size), and a backward pass. One program per (query tile, batch·head); K/V tiles streamed; online softmax
-with exp2 and scale·log2(e) folded into one multiply; the causal loop split into an unmasked
-part that pays no mask cost and a masked diagonal part.
+loads (num_stages; on Hopper at head dim 128 through TMA descriptors from 1k keys, 4k causal),
+tile shapes autotuned per (head dim, causal, dtype, problem size), and a backward pass. One
+program per (query tile, batch·head); K/V tiles streamed; online softmax with exp2 and
+scale·log2(e) folded into one multiply; the causal loop split into an unmasked part that pays
+no mask cost and a masked diagonal part. Compiled kernels are launched straight through
+Triton's C launcher (`_Launcher`): small shapes are host-bound.
 
 Backward: Δ = rowsum(dO∘O) − dLSE (so gradients through the returned LSE are exact), then one
 kernel per K/V tile accumulating dK, dV over every query head of its GQA group (no atomics, no
@@ -18,10 +20,11 @@ offsets. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one fixed
 
 Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench;
 inspect the generated code offline: python benchmarks/inspect_triton.py.
-Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.1–10.2); forward sweep
-216–441 TFLOP/s = 0.64–0.95× cuDNN, with TMA (D=128, S >= 4k) 449–478 non-causal; fwd+bwd
-1.00–1.17× FA2 at S=1k, 0.87–0.99× at 4k–16k, peak memory equal to FA2's. What limits it and
-what comes next: docs/notes.md.
+Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.2–10.2), host cost
+per call 44–67 µs (83–98 before the direct launch; SDPA 20–28); forward sweep 217–541
+TFLOP/s = 0.63–0.94× cuDNN (D=128 S=4k: 496); fwd+bwd 1.00–1.17× FA2 at S=1k, 0.87–0.99× at
+4k–16k (first build), peak memory equal to FA2's. What limits it and what comes next:
+docs/notes.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from .backends import rows_16b_aligned
 
@@ -51,20 +55,26 @@ def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
             for m, n, w, s in candidates]
 
 
-_SMEM_BUDGET = 200 * 1024  # bytes, under the H100's 227 KB per CTA with room for Triton's own
+@functools.cache
+def _smem_budget(device: int) -> int:
+    """Shared memory one CTA may take on this GPU (227 KB on an H100, 163 KB on an A100), less
+    2 KB: the TMA variant's barriers (1 KB over the estimate below, which is exact otherwise)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"] - 2048
 
 
 def _tuning(pipelined: str, resident: str, resident_tiles: int) -> dict:
-    """Autotuning settings: configs whose shared memory cannot fit this head dim are pruned first
-    (estimate: `pipelined` K/V-like tiles × stages, plus `resident_tiles` tiles held throughout),
-    then all are timed, or with FLASHCORE_TRITON_AUTOTUNE=0 the first that fits is taken."""
+    """Autotuning settings: configs whose shared memory cannot fit this head dim on this GPU are
+    pruned first (`pipelined` K/V-like tiles × stages, plus `resident_tiles` tiles held
+    throughout: for the forward the bytes Triton allocates, `benchmarks/inspect_triton.py`), then
+    all are timed, or with FLASHCORE_TRITON_AUTOTUNE=0 the first that fits is taken."""
 
     def smem_bytes(config, head_block):
         return 2 * head_block * (config.num_stages * 2 * config.kwargs[pipelined]
                                  + resident_tiles * config.kwargs[resident])
 
     def prune(configs, named_args, **kwargs):
-        fits = [c for c in configs if smem_bytes(c, kwargs["BLOCK_D"]) <= _SMEM_BUDGET]
+        budget = math.inf if INTERPRET else _smem_budget(torch.cuda.current_device())
+        fits = [c for c in configs if smem_bytes(c, kwargs["BLOCK_D"]) <= budget]
         fits = fits or [min(configs, key=lambda c: smem_bytes(c, kwargs["BLOCK_D"]))]
         return fits if AUTOTUNE else fits[:1]
 
@@ -131,8 +141,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows, start
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                                  (64, 32, 4, 2)), **_tuning("BLOCK_N", "BLOCK_M", 1))
+@triton.autotune(configs=_configs((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                                  (64, 64, 4, 3), (64, 32, 4, 2)),
+                 **_tuning("BLOCK_N", "BLOCK_M", 1))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -355,35 +366,80 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
 
 # ---- launchers --------------------------------------------------------------------------------
 
-class _Tuned:
-    """Calls an autotuned kernel: through the autotuner once per tuning key (it tunes, or reads
-    the persisted choice), then straight into the JIT function with the chosen config, skipping
-    the autotuner's per-call rebuilding of its key from every argument (host time)."""
+def _specialisation(args: tuple) -> tuple:
+    """What Triton compiles a kernel separately for, per argument: a tensor's dtype and 16-byte
+    alignment; an integer's equality to 1, divisibility by 16 and 32-bit range (floats and
+    constexprs: nothing here; constexprs are keyed by the caller)."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                  else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648) if type(a) is int
+                  else None for a in args])
 
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.chosen: dict[tuple, dict] = {}
+
+class _Launcher:
+    """Calls an autotuned kernel for as little host time as it can (small shapes are host-bound).
+
+    Per tuning key, the first call goes through the autotuner (it tunes, or reads the persisted
+    choice); per specialisation (`_specialisation`) and device, the first call goes through
+    Triton's JIT, which compiles or loads the kernel. Every later call hands the arguments
+    straight to that compiled kernel's C launcher, skipping Triton's per-call Python: binding
+    every argument, specialising each, hashing a cache key, checking globals, building launch
+    metadata. With launch hooks installed (a profiler), every call takes Triton's own path.
+    """
+
+    def __init__(self, autotuner):
+        self.autotuner = autotuner
+        # The launcher takes every parameter in order; ours end with their constexprs.
+        fn = autotuner.fn
+        self.constexpr_names = [] if INTERPRET else [p.name for p in fn.params if p.is_constexpr]
+        assert fn.arg_names[len(fn.arg_names) - len(self.constexpr_names):] == self.constexpr_names
+        self.chosen: dict[tuple, dict] = {}  # tuning key → config kwargs
+        self.compiled: dict[tuple, tuple] = {}  # (key, device, …, specialisation) → kernel, config
 
     def __call__(self, grid, key: tuple, *args, **constexprs):
+        if INTERPRET or knobs.runtime.launch_enter_hook.calls:
+            self._through_triton(grid, key, args, constexprs)
+            return
+        device = torch.cuda.current_device()
+        at = (key, device, *constexprs.values(), _specialisation(args))
+        compiled = self.compiled.get(at)
+        if compiled is None:
+            kernel, config = self._through_triton(grid, key, args, constexprs)
+            if kernel is not None:
+                self.compiled[at] = kernel, config
+            return
+        kernel, config = compiled
+        meta = {**constexprs, **config}
+        g = grid(meta)
+        kernel.run(g[0], g[1], 1, torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None,
+                   *args, *[meta[name] for name in self.constexpr_names])
+
+    def _through_triton(self, grid, key, args, constexprs):
         config = self.chosen.get(key)
         if config is None:
-            self.kernel[grid](*args, **constexprs)
-            self.chosen[key] = self.kernel.best_config.all_kwargs()
-        else:
-            self.kernel.fn.run(*args, grid=grid, warmup=False, **constexprs, **config)
+            self.autotuner[grid](*args, **constexprs)
+            config = self.chosen[key] = self.autotuner.best_config.all_kwargs()
+            return None, config  # the autotuner launched it; the next call compiles-or-loads
+        return self.autotuner.fn.run(*args, grid=grid, warmup=False, **constexprs, **config), config
 
 
-_fwd = _Tuned(_fwd_kernel)
-_bwd_dkdv = _Tuned(_bwd_dkdv_kernel)
-_bwd_dq = _Tuned(_bwd_dq_kernel)
+_fwd = _Launcher(_fwd_kernel)
+_bwd_dkdv = _Launcher(_bwd_dkdv_kernel)
+_bwd_dq = _Launcher(_bwd_dq_kernel)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride()[:3]  # batch, head, sequence (one call: host time counts at small shapes)
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions whose every call from Python costs ~6 µs.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _head_block(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, 1 << (dim - 1).bit_length())
 
 
 def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,8 +450,8 @@ def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
     if out.numel() == 0:
         return out, lse
     size_class = _size_class(batch * heads_q, seqlen_q, seqlen_k)
-    tma = _use_tma(q, k, v, out)
-    _fwd(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
+    tma = _use_tma(q, k, v, out, causal)
+    _fwd(lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
          (dim, causal, size_class, q.dtype, tma),
          q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale * LOG2E.value, size_class,
@@ -418,16 +474,18 @@ def _install_tma_allocator() -> None:
     triton.set_allocator(_tma_scratch)
 
 
-# Where TMA pays (H100, 2026-11-25, TMA forced everywhere vs the pointer path): head dim 128 at
-# S >= 4k, +12-17% non-causal and +1-4% causal; elsewhere slower (the mission shape 7.6 ->
-# 10.9 µs: each CTA writes and fences its descriptors before its first load; D=64 no gain).
-_TMA_HEAD_BLOCK, _TMA_MIN_KEYS = 128, 4096
+# Where TMA pays (H100, 2026-11-25): head dim 128 only (D=64 no gain); forced everywhere against
+# the pointer path, +12-17% non-causal at S >= 4k, +1-4% causal; with the 128x128-tile config,
+# non-causal +4 / +10% at 1k / 2k keys but causal -12 / -7% (each CTA writes and fences its
+# descriptors before its first load, which short causal rows cannot hide; the mission shape
+# went 7.6 -> 10.9 µs). Keys needed: non-causal, causal.
+_TMA_HEAD_BLOCK, _TMA_MIN_KEYS = 128, (1024, 4096)
 
 
-def _use_tma(q, k, v, out) -> bool:
-    """TMA loads on Hopper for head dim (padded) 128 and at least 4k keys, when every row is
-    16-byte aligned (the copy engine's rule)."""
-    if (INTERPRET or not q.is_cuda or k.shape[2] < _TMA_MIN_KEYS
+def _use_tma(q, k, v, out, causal: bool) -> bool:
+    """TMA loads on Hopper for head dim (padded) 128 with at least 1k keys (causal: 4k), when
+    every row is 16-byte aligned (the copy engine's rule)."""
+    if (INTERPRET or not q.is_cuda or k.shape[2] < _TMA_MIN_KEYS[causal]
             or _head_block(q.shape[-1]) != _TMA_HEAD_BLOCK or not _is_hopper(q.device)):
         return False
     if not rows_16b_aligned(q, k, v, out):
@@ -445,16 +503,16 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     block_d, size_class = _head_block(dim), _size_class(batch * heads_q, seqlen_q, seqlen_k)
-    _bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * heads_q)](
+    _bwd_delta_kernel[(_cdiv(seqlen_q, 64), batch * heads_q)](
         out, do, dlse, delta, *_strides(out), *_strides(do), heads_q, seqlen_q,
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse.numel() > 0)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     key = (dim, causal, size_class, q.dtype)
-    _bwd_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
+    _bwd_dkdv(lambda meta: (_cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
               q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
               heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
               scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
-    _bwd_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
+    _bwd_dq(lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
             q, k, v, do, lse, delta, dq, *common, *_strides(dq),
             heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E.value,
             size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)

@@ -104,6 +104,17 @@ def test_long_keys_over_many_tiles(rung, causal):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("seqlen_q", [1, 127])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_few_rows_against_long_keys(rung, causal, seqlen_q):
+    """1 or 127 query rows against 4500 keys at D=128 (bf16, GQA): `hopper` takes 176-key tiles
+    (4500 is no multiple of 176) and, with one query tile per head, splits the keys over a
+    cluster of CTAs that each hand their one Q buffer back before the merge."""
+    q, k, v = make_qkv(1, 4, 2, seqlen_q, 4500, 128, dtype=torch.bfloat16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("rung", RUNGS)
 def test_causal_tiles_handed_out_dynamically(rung):
     """Causal, more tiles than SMs, and all heads' K/V beyond half of L2: `hopper` hands tiles out
@@ -250,14 +261,18 @@ def test_torch_compile_traces_without_graph_breaks(rung):
 
 @pytest.mark.skipif(not HOPPER, reason="the TMA path is Hopper's (sm_90)")
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal, seqlen_k", [(False, 1500), (True, 4100)],
+                         ids=["full-1500", "causal-4100"])
 @pytest.mark.parametrize("dim", [96, 128])
-def test_long_keys_take_the_tma_path(dim, causal, layout):
-    """Head dim 128 (padded) with >= 4k keys loads through TMA descriptors: ragged ends
-    zero-filled by the copy engine, per (batch, head) slice."""
+def test_long_keys_take_the_tma_path(dim, causal, seqlen_k, layout):
+    """Head dim 128 (padded) with >= 1k keys (causal: >= 4k) loads through TMA descriptors:
+    ragged ends zero-filled by the copy engine, per (batch, head) slice."""
     from flashcore import triton_rung
 
-    q, k, v = make_qkv(2, 4, 2, 333, 4100, dim, dtype=torch.bfloat16, device="cuda", layout=layout)
-    assert triton_rung._use_tma(q, k, v, torch.empty_like(q))
+    q, k, v = make_qkv(2, 4, 2, 333, seqlen_k, dim, dtype=torch.bfloat16, device="cuda",
+                       layout=layout)
+    out = torch.empty_like(q)
+    assert triton_rung._use_tma(q, k, v, out, causal)
+    assert not triton_rung._use_tma(q, k[:, :, :1000], v[:, :, :1000], out, causal)
     check_forward("triton", q, k, v, causal)
     check_backward("triton", q, k, v, causal)
