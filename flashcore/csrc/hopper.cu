@@ -392,7 +392,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
   const int row_in_tile = first_row + warp * 16 + lane / 4;  // i = 0
   const int col = 2 * (lane % 4);
   const int step = shared ? kConsumers : 1, skip = shared ? consumer : 0;
-  const int next_turn = next_turn_barrier<kConsumers>(consumer);
+  const int own_barrier = 1 + consumer, next_turn = next_turn_barrier<kConsumers>(consumer);
   if (consumer == kConsumers - 1) pass_turn(next_turn);  // consumer 0 goes first
   int kv_iter = 0;
   for (int round = 0;; ++round) {
@@ -433,7 +433,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     const auto release_q_late = [&] {
       if constexpr (!Smem::kOwnOutput) {
         if (thread == 0) tma_store_wait_read();
-        named_barrier_sync(1 + consumer, kWarpgroupThreads);
+        named_barrier_sync(own_barrier, kWarpgroupThreads);
         warp_release(&s.q_empty[qb]);
       }
     };
@@ -552,9 +552,8 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     float out_scale[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) out_scale[i] = row[i].output_scale();
-    const int barrier = 1 + consumer;
     if (thread == 0) tma_store_wait_read();  // the previous tile's store has read its buffer
-    named_barrier_sync(barrier, kWarpgroupThreads);
+    named_barrier_sync(own_barrier, kWarpgroupThreads);
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; r += 2) {
       const int i = (r / 2) % 2, c = (r / 4) * 8 + col;
@@ -563,7 +562,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
           pack2(T{}, o[r] * out_scale[i], o[r + 1] * out_scale[i]);
     }
     fence_async_shared();
-    named_barrier_sync(barrier, kWarpgroupThreads);
+    named_barrier_sync(own_barrier, kWarpgroupThreads);
     if (thread == 0) {
 #pragma unroll
       for (int c = 0; c < Smem::kChunks; ++c)
