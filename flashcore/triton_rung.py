@@ -443,6 +443,9 @@ def _head_block(dim: int) -> int:
 
 
 def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):  # Triton compiles for and launches on the current one
+            return forward(q, k, v, scale, causal)
     batch, heads_q, seqlen_q, dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -495,6 +498,9 @@ def _use_tma(q, k, v, out, causal: bool) -> bool:
 
 
 def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):
+            return backward(do, q, k, v, out, lse, dlse, scale, causal)
     batch, heads_q, seqlen_q, dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()

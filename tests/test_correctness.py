@@ -115,6 +115,25 @@ def test_few_rows_against_long_keys(rung, causal, seqlen_q):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("rung", RUNGS)
+def test_inputs_on_a_gpu_that_is_not_current(rung):
+    """Inputs on cuda:1 while cuda:0 is current: the rung runs on the inputs' GPU (forward,
+    and for a rung with a backward, the gradients). Correct results alone would not show it
+    where GPU 0 can read GPU 1's memory (NVLink peers), so for `triton`, whose launches go
+    to the current device, the kernel it launched must be the one compiled for cuda:1."""
+    from flashcore import triton_rung
+
+    assert torch.cuda.current_device() == 0
+    q, k, v = make_qkv(1, 4, 2, 300, 700, 64, dtype=torch.float16, device="cuda:1")
+    known = set(triton_rung._fwd.compiled)  # (tuning key, device, ...) of launched kernels
+    check_forward(rung, q, k, v, True)
+    if rung == "triton":
+        assert {at[1] for at in set(triton_rung._fwd.compiled) - known} == {1}
+    if flashcore.backends.BACKENDS[rung].has_backward:
+        check_backward(rung, q, k, v, True)
+
+
 @pytest.mark.parametrize("rung", RUNGS)
 def test_causal_tiles_handed_out_dynamically(rung):
     """Causal, more tiles than SMs, and all heads' K/V beyond half of L2: `hopper` hands tiles out
