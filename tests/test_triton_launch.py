@@ -1,19 +1,20 @@
 """The Triton rung launches a compiled kernel straight through its C launcher, skipping Triton's
 per-call Python (flashcore.triton_rung._Launcher). That is safe only if it never reuses a kernel
 compiled for different arguments: its key must split calls exactly where Triton's own
-specialisation does."""
+specialisation does. The grid and padding arithmetic around it must agree with Triton's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from hypothesis import given
 from hypothesis import strategies as st
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 
 from conftest import check_forward, make_qkv, requires_cuda
-from flashcore.triton_rung import _specialisation
+from flashcore.triton_rung import _cdiv, _head_block, _specialisation
 
 
 def triton_specialisation(arg):
@@ -67,3 +68,11 @@ def test_calls_alternating_between_specialisations_stay_correct(causal):
     for _ in range(2):
         for q, k, v in cases:
             check_forward("triton", q, k, v, causal)
+
+
+@given(st.integers(0, 1 << 20), st.sampled_from([16, 32, 64, 128]), st.integers(1, 512))
+def test_host_integer_helpers_agree_with_triton(a, block, dim):
+    """The launch path computes grids and padded head dims in plain Python (Triton's own
+    helpers cost microseconds per call from Python); they must give Triton's answers."""
+    assert _cdiv(a, block) == triton.cdiv(a, block)
+    assert _head_block(dim) == max(16, triton.next_power_of_2(dim))
