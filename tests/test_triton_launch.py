@@ -5,6 +5,8 @@ specialisation does. The grid and padding arithmetic around it must agree with T
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import triton
@@ -76,3 +78,95 @@ def test_host_integer_helpers_agree_with_triton(a, block, dim):
     helpers cost microseconds per call from Python); they must give Triton's answers."""
     assert _cdiv(a, block) == triton.cdiv(a, block)
     assert _head_block(dim) == max(16, triton.next_power_of_2(dim))
+
+
+class _FakeCompiled:
+    """A compiled kernel as _Launcher sees it: a C launcher (`run`) and its handles."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+class _FakeJit:
+    """A JIT function as _Launcher sees it: parameters, and `run`, which compiles or loads."""
+
+    def __init__(self):
+        self.arg_names = ["X", "n", "HEAD", "BLOCK"]
+        self.params = [SimpleNamespace(name=name, is_constexpr=name.isupper() and name != "X")
+                       for name in self.arg_names]
+        self.runs = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.runs.append((args, kwargs))
+        return _FakeCompiled()
+
+
+class _FakeAutotuner:
+    def __init__(self):
+        self.fn = _FakeJit()
+        self.best_config = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2)
+        self.tuned = 0
+
+    def __getitem__(self, grid):
+        def tune_and_launch(*args, **kwargs):
+            self.tuned += 1
+        return tune_and_launch
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """A _Launcher over fakes, on its GPU path (CI runs Triton's interpreter, no GPU)."""
+    from flashcore import triton_rung
+
+    monkeypatch.setattr(triton_rung, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    return triton_rung._Launcher(_FakeAutotuner())
+
+
+def test_launcher_tunes_then_compiles_then_launches_directly(launcher):
+    x = torch.zeros(64, dtype=torch.float16)
+    grid = lambda meta: (1000 // meta["BLOCK"] + 1, 3)  # noqa: E731
+    launcher(grid, "key", x, 32, HEAD=128)  # tunes (the autotuner launches)
+    launcher(grid, "key", x, 32, HEAD=128)  # Triton's JIT: compiles or loads, launches
+    assert launcher.autotuner.tuned == 1 and len(launcher.autotuner.fn.runs) == 1
+    ((kernel, config),) = launcher.compiled.values()
+    launcher(grid, "key", x, 32, HEAD=128)
+    launcher(grid, "key", x, 48, HEAD=128)  # same specialisation: still direct
+    assert len(launcher.autotuner.fn.runs) == 1
+    # Grid from the chosen config, the current stream, no launch metadata or hooks, then every
+    # parameter in order: arguments, then constexprs (the caller's and the config's).
+    assert kernel.launches == [(16, 3, 1, 7, "function", "metadata", None, None, None,
+                                x, n, 128, 64) for n in (32, 48)]
+    assert config["num_warps"] == 4
+
+
+def test_launcher_goes_back_through_triton_for_a_new_specialisation(launcher):
+    x = torch.zeros(64, dtype=torch.float16)
+    grid = lambda meta: (1, 1)  # noqa: E731
+    for args in [(x, 32), (x, 32), (x, 33), (x[1:], 32), (x, 1)]:
+        launcher(grid, "key", *args, HEAD=128)
+    # n=33 (not divisible by 16), a misaligned pointer and n=1 are each a kernel of their own.
+    assert len(launcher.autotuner.fn.runs) == 4 and len(launcher.compiled) == 4
+
+
+def test_launch_hooks_keep_every_call_on_tritons_path(launcher):
+    from triton import knobs
+
+    def hook(metadata):
+        pass
+
+    x = torch.zeros(64, dtype=torch.float16)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        for _ in range(4):
+            launcher(lambda meta: (1, 1), "key", x, 32, HEAD=128)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert launcher.autotuner.tuned == 1 and len(launcher.autotuner.fn.runs) == 3
+    assert not launcher.compiled
