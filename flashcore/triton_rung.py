@@ -442,10 +442,21 @@ def _head_block(dim: int) -> int:
     return max(16, 1 << (dim - 1).bit_length())
 
 
+def _on_inputs_device(launch):
+    """Triton compiles for and launches on the current CUDA device: make it the inputs' one."""
+
+    @functools.wraps(launch)
+    def on_device(first, *args):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launch(first, *args)
+        return launch(first, *args)
+
+    return on_device
+
+
+@_on_inputs_device
 def forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):  # Triton compiles for and launches on the current one
-            return forward(q, k, v, scale, causal)
     batch, heads_q, seqlen_q, dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -497,10 +508,8 @@ def _use_tma(q, k, v, out, causal: bool) -> bool:
     return True
 
 
+@_on_inputs_device
 def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):
-            return backward(do, q, k, v, out, lse, dlse, scale, causal)
     batch, heads_q, seqlen_q, dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()
