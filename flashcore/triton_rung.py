@@ -391,12 +391,14 @@ class _Launcher:
         # The launcher takes every parameter in order; ours end with their constexprs.
         fn = autotuner.fn
         self.constexpr_names = [] if INTERPRET else [p.name for p in fn.params if p.is_constexpr]
-        assert fn.arg_names[len(fn.arg_names) - len(self.constexpr_names):] == self.constexpr_names
+        names = fn.arg_names
+        assert names[len(names) - len(self.constexpr_names):] == self.constexpr_names
         self.chosen: dict[tuple, dict] = {}  # tuning key → config kwargs
         self.compiled: dict[tuple, tuple] = {}  # (key, device, …, specialisation) → kernel, config
 
     def __call__(self, grid, key: tuple, *args, **constexprs):
-        if INTERPRET or knobs.runtime.launch_enter_hook.calls:
+        hooks = knobs.runtime
+        if INTERPRET or hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls:
             self._through_triton(grid, key, args, constexprs)
             return
         device = torch.cuda.current_device()

@@ -20,7 +20,8 @@ from flashcore.triton_rung import _cdiv, _head_block, _specialisation
 
 
 def triton_specialisation(arg):
-    """What Triton's JIT compiles separately for (its native binder, as `JITFunction.run` calls it)."""
+    """What Triton's JIT compiles separately for (its native binder, as `JITFunction.run`
+    calls it)."""
     return native_specialize_impl(BaseBackend, arg, False, True, True)
 
 
@@ -155,18 +156,20 @@ def test_launcher_goes_back_through_triton_for_a_new_specialisation(launcher):
     assert len(launcher.autotuner.fn.runs) == 4 and len(launcher.compiled) == 4
 
 
-def test_launch_hooks_keep_every_call_on_tritons_path(launcher):
+@pytest.mark.parametrize("chain", ["launch_enter_hook", "launch_exit_hook"])
+def test_launch_hooks_keep_every_call_on_tritons_path(launcher, chain):
     from triton import knobs
 
     def hook(metadata):
         pass
 
     x = torch.zeros(64, dtype=torch.float16)
-    knobs.runtime.launch_enter_hook.add(hook)
+    hooks = getattr(knobs.runtime, chain)
+    hooks.add(hook)
     try:
         for _ in range(4):
             launcher(lambda meta: (1, 1), "key", x, 32, HEAD=128)
     finally:
-        knobs.runtime.launch_enter_hook.remove(hook)
+        hooks.remove(hook)
     assert launcher.autotuner.tuned == 1 and len(launcher.autotuner.fn.runs) == 3
     assert not launcher.compiled
