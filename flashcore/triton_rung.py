@@ -48,9 +48,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 def _configs(*candidates: tuple[int, int, int, int]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, warps, stages) candidates. Each is compiled per head dim, causal and
-    dtype, so the lists are short; 64-row tiles are there for grids that 128 rows can't fill."""
-    if INTERPRET:  # the interpreter runs one config; tuning it would only cost CPU time
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    dtype, so the lists are short; 64-row tiles are there for grids that 128 rows can't fill.
+    The interpreter runs one config, the last (smallest) candidate's tile shape halved, so that
+    the CPU tests' short sequences span several tiles in the same proportions as on a GPU."""
+    if INTERPRET:
+        m, n = candidates[-1][:2]
+        return [triton.Config({"BLOCK_M": m // 2, "BLOCK_N": n // 2}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in candidates]
 
@@ -62,20 +65,29 @@ def _smem_budget(device: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"] - 2048
 
 
-def _tuning(pipelined: str, resident: str, resident_tiles: int) -> dict:
-    """Autotuning settings: configs whose shared memory cannot fit this head dim on this GPU are
-    pruned first (`pipelined` K/V-like tiles × stages, plus `resident_tiles` tiles held
-    throughout: for the forward the bytes Triton allocates, `benchmarks/inspect_triton.py`), then
-    all are timed, or with FLASHCORE_TRITON_AUTOTUNE=0 the first that fits is taken."""
+def _tuning(pipelined: str, resident: str, held: int, accumulators: int) -> dict:
+    """Autotuning settings. Configs that cannot fit this head dim are pruned first: by shared
+    memory, 2 `pipelined` tiles (K/V-like) per stage plus `held` tiles of `resident` rows × head
+    dim (for the forward the bytes Triton allocates, `benchmarks/inspect_triton.py`) over this
+    GPU's; or by registers, `accumulators` fp32 tiles of `resident` rows × head dim over 128 a
+    thread (half of a thread's 255: such configs spill, e.g. the dK/dV kernel at head dim 256
+    ran 2.3× slower on 4 warps than on 8, docs/notes.md). Then all are timed, or with
+    FLASHCORE_TRITON_AUTOTUNE=0 the first that fits is taken."""
 
     def smem_bytes(config, head_block):
         return 2 * head_block * (config.num_stages * 2 * config.kwargs[pipelined]
-                                 + resident_tiles * config.kwargs[resident])
+                                 + held * config.kwargs[resident])
+
+    def accumulator_registers(config, head_block):
+        return accumulators * config.kwargs[resident] * head_block // (32 * config.num_warps)
 
     def prune(configs, named_args, **kwargs):
         budget = math.inf if INTERPRET else _smem_budget(torch.cuda.current_device())
-        fits = [c for c in configs if smem_bytes(c, kwargs["BLOCK_D"]) <= budget]
-        fits = fits or [min(configs, key=lambda c: smem_bytes(c, kwargs["BLOCK_D"]))]
+        head_block = kwargs["BLOCK_D"]
+        fits = [c for c in configs if smem_bytes(c, head_block) <= budget
+                and accumulator_registers(c, head_block) <= 128]
+        fits = fits or [min(configs, key=lambda c: (smem_bytes(c, head_block) > budget,
+                                                    accumulator_registers(c, head_block)))]
         return fits if AUTOTUNE else fits[:1]
 
     return dict(key=["HEAD_DIM", "CAUSAL", "TMA", "size_class"], cache_results=True,
@@ -102,6 +114,20 @@ else:
 
 
 # ---- forward ----------------------------------------------------------------------------------
+
+@triton.jit
+def _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """For the query tile at row m0: keys [0, full) are visible to every row and in bounds,
+    [full, end) need the mask (causal diagonal, ragged last tile), keys from end on are unseen."""
+    causal_offset = seqlen_k - seqlen_q
+    if CAUSAL:
+        end = tl.minimum(seqlen_k, m0 + BLOCK_M + causal_offset)
+        full = tl.maximum(0, tl.minimum(seqlen_k, m0 + 1 + causal_offset)) // BLOCK_N * BLOCK_N
+    else:
+        end = seqlen_k
+        full = seqlen_k // BLOCK_N * BLOCK_N
+    return full, end
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows, start, end,
@@ -143,7 +169,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows, start
 
 @triton.autotune(configs=_configs((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
                                   (64, 64, 4, 3), (64, 32, 4, 2)),
-                 **_tuning("BLOCK_N", "BLOCK_M", 1))
+                 **_tuning("BLOCK_N", "BLOCK_M", held=1, accumulators=1))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -180,14 +206,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
         v_src = (V + b * stride_vb + hk * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vs
                  + dims[None, :])
 
-    # Keys [0, full) are visible to every row of the tile; [full, end) need the mask.
+    full, end = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     causal_offset = seqlen_k - seqlen_q
-    if CAUSAL:
-        end = tl.minimum(seqlen_k, m0 + BLOCK_M + causal_offset)
-        full = tl.maximum(0, tl.minimum(seqlen_k, m0 + 1 + causal_offset)) // BLOCK_N * BLOCK_N
-    else:
-        end = seqlen_k
-        full = seqlen_k // BLOCK_N * BLOCK_N
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -240,27 +260,44 @@ def _bwd_delta_kernel(O, DO, DLSE, Delta,
 
 
 @triton.jit
-def _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k, causal_offset,
-                     scale_log2, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """Pᵀ (keys × queries) recomputed from the forward's LSE; 0 where masked or padded."""
-    s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) * scale_log2
-    p_t = tl.math.exp2(s_t - lse_log2[None, :])
-    visible = (cols[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
-    if CAUSAL:
-        visible = visible & (cols[:, None] <= rows[None, :] + causal_offset)
-    return tl.where(visible, p_t, 0.0)
-
-
-@triton.jit
 def _load_lse_log2(LSE, at, row_ok):
-    """LSE in log2 units; -inf (a row that saw no key) becomes +inf so its P is exactly 0."""
+    """LSE in log2 units; -inf (a row that saw no key) becomes +inf so its P is exactly 0, as it
+    is for rows past seqlen_q (loaded as +inf)."""
     lse = tl.load(LSE + at, mask=row_ok, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
-@triton.autotune(configs=_configs((64, 128, 8, 2), (32, 64, 4, 2)),
-                 **_tuning("BLOCK_M", "BLOCK_N", 2))
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE, Delta, row_base, stride_qs, stride_ds,
+                cols, dims, dim_ok, start, end, seqlen_q, causal_offset, scale_log2,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV of one key tile from query tiles [start, end), in the transposed orientation so that
+    P and dS stay in registers as the A operand. Only MASKED (causal diagonal) tiles test
+    positions: rows past seqlen_q have P = 0 through their LSE, and key columns past seqlen_k
+    only feed dK/dV rows that are never stored."""
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seqlen_q
+        qd_ptrs = rows[None, :].to(tl.int64) * stride_qs + dims[:, None]
+        qd_mask = row_ok[None, :] & dim_ok[:, None]
+        q_t = tl.load(q_base + qd_ptrs, mask=qd_mask, other=0.0)
+        do_t = tl.load(do_base + rows[None, :].to(tl.int64) * stride_ds + dims[:, None],
+                       mask=qd_mask, other=0.0)
+        lse_log2 = _load_lse_log2(LSE, row_base + rows, row_ok)
+        delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
+        s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
+        p_t = tl.math.exp2(s_t * scale_log2 - lse_log2[None, :])
+        if MASKED:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        dv = _dot(p_t.to(do_t.dtype), tl.trans(do_t), dv)
+        dp_t = _dot(v, do_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
+        dk = _dot((p_t * (dp_t - delta[None, :])).to(q_t.dtype), tl.trans(q_t), dk)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs((64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
+                                  (32, 64, 8, 2)),
+                 **_tuning("BLOCK_M", "BLOCK_N", held=2, accumulators=2))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -275,7 +312,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
     n0 = tl.program_id(0) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_mask = (cols[:, None] < seqlen_k) & (dims[None, :] < HEAD_DIM)
+    dim_ok = dims < HEAD_DIM
+    kv_mask = (cols[:, None] < seqlen_k) & dim_ok[None, :]
     c64 = cols[:, None].to(tl.int64)
     k = tl.load(K + b * stride_kb + hk * stride_kh + c64 * stride_ks + dims[None, :],
                 mask=kv_mask, other=0.0)
@@ -284,29 +322,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
+    # Query tiles [start, full) cross this key tile's causal diagonal; [full, seqlen_q) see it all.
     causal_offset = seqlen_k - seqlen_q
-    start_m = 0
-    if CAUSAL:  # the first query row that sees key n0
-        start_m = tl.maximum(0, n0 - causal_offset) // BLOCK_M * BLOCK_M
+    start = 0
+    full = 0
+    if CAUSAL:
+        start = tl.maximum(0, n0 - causal_offset) // BLOCK_M * BLOCK_M
+        first_full = tl.maximum(0, n0 + BLOCK_N - 1 - causal_offset)  # first row seeing all keys
+        full = tl.minimum(seqlen_q, (first_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
     for g in range(0, group):  # every query head of this K/V head: summed here, no atomics
         h = hk * group + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
         row_base = (b * heads_q + h) * seqlen_q
-        for m0 in range(start_m, seqlen_q, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < seqlen_q
-            r64 = rows[None, :].to(tl.int64)
-            qd_mask = row_ok[None, :] & (dims[:, None] < HEAD_DIM)
-            q_t = tl.load(q_base + r64 * stride_qs + dims[:, None], mask=qd_mask, other=0.0)
-            do_t = tl.load(do_base + r64 * stride_ds + dims[:, None], mask=qd_mask, other=0.0)
-            lse_log2 = _load_lse_log2(LSE, row_base + rows, row_ok)
-            p_t = _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, scale_log2, CAUSAL, BLOCK_M, BLOCK_N)
-            dv = _dot(p_t.to(do_t.dtype), tl.trans(do_t), dv)
-            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-            ds_t = p_t * (_dot(v, do_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) - delta[None, :])
-            dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE, Delta, row_base, stride_qs,
+                             stride_ds, cols, dims, dim_ok, start, full, seqlen_q, causal_offset,
+                             scale_log2, BLOCK_M, BLOCK_N, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE, Delta, row_base, stride_qs,
+                             stride_ds, cols, dims, dim_ok, full, seqlen_q, seqlen_q,
+                             causal_offset, scale_log2, BLOCK_M, BLOCK_N, False)
 
     tl.store(DK + b * stride_dkb + hk * stride_dkh + c64 * stride_dks + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -314,8 +348,36 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs((128, 64, 8, 2), (64, 32, 4, 2)),
-                 **_tuning("BLOCK_N", "BLOCK_M", 2))
+@triton.jit
+def _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, dims,
+              dim_ok, start, end, seqlen_k, causal_offset, scale_log2,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASKED: tl.constexpr):
+    """dQ of one query tile from key tiles [start, end): S and dP in registers, dS the A operand
+    of dS·K, K and V read once from shared memory by all three products. MASKED tiles test key
+    bounds (a zero-filled key would get P = 2^-LSE, which can overflow) and causality."""
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = dim_ok[None, :]
+        if MASKED:
+            kv_mask = kv_mask & (cols[:, None] < seqlen_k)
+        c64 = cols[:, None].to(tl.int64)
+        k = tl.load(k_base + c64 * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + c64 * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        p = tl.math.exp2(s * scale_log2 - lse_log2[:, None])
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        dq = _dot((p * (dp - delta[:, None])).to(k.dtype), k, dq)
+    return dq
+
+
+@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)),
+                 **_tuning("BLOCK_N", "BLOCK_M", held=2, accumulators=1))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -324,6 +386,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                    heads_q, group, seqlen_q, seqlen_k, scale, scale_log2, size_class,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile, and its rows' Δ = rowsum(dO ∘ O) − dLSE (the per-row term of
+    dS = P ∘ (dP − Δ)), stored for the dK/dV kernel that runs next."""
     bh = tl.program_id(1)
     b = (bh // heads_q).to(tl.int64)
     h = (bh % heads_q).to(tl.int64)
@@ -332,36 +396,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     dims = tl.arange(0, BLOCK_D)
-    qd_mask = row_ok[None, :] & (dims[:, None] < HEAD_DIM)
-    r64 = rows[None, :].to(tl.int64)
-    q_t = tl.load(Q + b * stride_qb + h * stride_qh + r64 * stride_qs + dims[:, None],
-                  mask=qd_mask, other=0.0)
-    do_t = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[:, None],
-                   mask=qd_mask, other=0.0)
+    dim_ok = dims < HEAD_DIM
+    qd_mask = row_ok[:, None] & dim_ok[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + r64 * stride_qs + dims[None, :],
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[None, :],
+                 mask=qd_mask, other=0.0)
     row_at = bh.to(tl.int64) * seqlen_q + rows
     lse_log2 = _load_lse_log2(LSE, row_at, row_ok)
     delta = tl.load(Delta + row_at, mask=row_ok, other=0.0)
-    dq_t = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    causal_offset = seqlen_k - seqlen_q
-    end = seqlen_k
-    if CAUSAL:
-        end = tl.minimum(seqlen_k, m0 + BLOCK_M + causal_offset)
+    full, end = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    for n0 in range(0, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        c64 = cols[:, None].to(tl.int64)
-        kv_mask = (cols[:, None] < seqlen_k) & (dims[None, :] < HEAD_DIM)
-        k = tl.load(k_base + c64 * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + c64 * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
-        p_t = _probabilities_t(k, q_t, lse_log2, rows, cols, seqlen_q, seqlen_k, causal_offset,
-                               scale_log2, CAUSAL, BLOCK_M, BLOCK_N)
-        ds_t = p_t * (_dot(v, do_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)) - delta[None, :])
-        dq_t = _dot(tl.trans(k), ds_t.to(k.dtype), dq_t)
+    dq = _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, dims,
+                   dim_ok, 0, full, seqlen_k, seqlen_k - seqlen_q, scale_log2,
+                   BLOCK_M, BLOCK_N, CAUSAL, False)
+    dq = _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, dims,
+                   dim_ok, full, end, seqlen_k, seqlen_k - seqlen_q, scale_log2,
+                   BLOCK_M, BLOCK_N, CAUSAL, True)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + r64 * stride_dqs + dims[:, None],
-             (dq_t * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + r64 * stride_dqs + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # ---- launchers --------------------------------------------------------------------------------

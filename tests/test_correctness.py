@@ -254,6 +254,15 @@ def test_gradients_match_reference(rung, dtype, dim, causal, shape, layout):
     check_backward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", TRAINABLE)
+def test_gradients_when_every_score_is_far_below_zero(rung, causal):
+    """Scores near -600 (LSE far below log of the smallest float): a zero-filled key past a
+    ragged end would get P = exp(-LSE) = inf, so padded keys must be masked, not zero-filled."""
+    q, k, v = make_qkv(1, 4, 2, 200, 333, 64, dtype=torch.float16, device="cuda")
+    check_backward(rung, q + 10, k - 10, v, causal)
+
+
 @pytest.mark.parametrize("rung", TRAINABLE)
 def test_gradients_of_sum_losses(rung):
     check_sum_loss_gradients(rung, *make_qkv(2, 4, 2, 300, 200, 64, dtype=torch.float16,

@@ -47,6 +47,12 @@ def test_strided_bshd_views():
     check_backward("triton", q, k, v, True)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradients_when_every_score_is_far_below_zero(causal):
+    q, k, v = make_qkv(1, 2, 1, 20, 33, 40, dtype=torch.float16, device="cpu")
+    check_backward("triton", q + 10, k - 10, v, causal)
+
+
 def test_backward_is_deterministic():
     check_deterministic_backward("triton", *make_qkv(1, 4, 1, 40, 40, 32, dtype=torch.float16,
                                                      device="cpu"), causal=False)
