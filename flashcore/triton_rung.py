@@ -9,10 +9,11 @@ scale·log2(e) folded into one multiply; the causal loop split into an unmasked 
 no mask cost and a masked diagonal part. Compiled kernels are launched straight through
 Triton's C launcher (`_Launcher`): small shapes are host-bound.
 
-Backward: Δ = rowsum(dO∘O) − dLSE (so gradients through the returned LSE are exact), then one
-kernel per K/V tile accumulating dK, dV over every query head of its GQA group (no atomics, no
-expanded K/V: deterministic, bit-identical run to run), and one kernel per query tile for dQ.
-Extra memory: LSE and Δ (B·H·Sq floats each); dQ accumulates in registers.
+Backward, two kernels: one per query tile computes its rows' Δ = rowsum(dO∘O) − dLSE (so
+gradients through the returned LSE are exact) and dQ, with S, dP and dS in registers and dS the
+A operand of dS·K; then one per K/V tile accumulates dK, dV over every query head of its GQA
+group, in the transposed orientation (Pᵀ, dSᵀ as register A operands). No atomics, no expanded
+K/V: deterministic, bit-identical run to run. Extra memory: LSE and Δ (B·H·Sq floats each).
 
 Limits: head dims 32..256 in steps of 8 (tiles padded to a power of two internally), fp16/bf16,
 any S, Sq ≠ Sk (bottom-right causal), GQA/MQA, any strides with unit last stride, 64-bit
@@ -22,8 +23,8 @@ Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore b
 inspect the generated code offline: python benchmarks/inspect_triton.py.
 Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.2–10.2), host cost
 per call 44–67 µs (83–98 before the direct launch; SDPA 20–28); forward sweep 217–541
-TFLOP/s = 0.63–0.94× cuDNN (D=128 S=4k: 496); fwd+bwd 1.00–1.17× FA2 at S=1k, 0.87–0.99× at
-4k–16k (first build), peak memory equal to FA2's. What limits it and what comes next:
+TFLOP/s = 0.63–0.94× cuDNN (D=128 S=4k: 496); fwd+bwd 240–409 TFLOP/s = 1.19–1.49× FA2
+(0.66–0.94× cuDNN), peak memory equal to FA2's. What limits it and what comes next:
 docs/notes.md.
 """
 
@@ -235,31 +236,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
 # ---- backward ---------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DLSE, Delta,
-                      stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
-                      heads_q, seqlen_q,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      HAS_DLSE: tl.constexpr):
-    """Δ = rowsum(dO ∘ O) − dLSE, the per-row term of dS = P ∘ (dP − Δ)."""
-    bh = tl.program_id(1)
-    b = (bh // heads_q).to(tl.int64)
-    h = (bh % heads_q).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < seqlen_q) & (dims[None, :] < HEAD_DIM)
-    r64 = rows[:, None].to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_os + dims[None, :], mask=mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[None, :], mask=mask,
-                 other=0.0)
-    at = bh.to(tl.int64) * seqlen_q + rows
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:  # the LSE was used downstream
-        delta -= tl.load(DLSE + at, mask=rows < seqlen_q, other=0.0)
-    tl.store(Delta + at, delta, mask=rows < seqlen_q)
-
-
-@triton.jit
 def _load_lse_log2(LSE, at, row_ok):
     """LSE in log2 units; -inf (a row that saw no key) becomes +inf so its P is exactly 0, as it
     is for rows past seqlen_q (loaded as +inf)."""
@@ -379,13 +355,13 @@ def _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, 
 @triton.autotune(configs=_configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)),
                  **_tuning("BLOCK_N", "BLOCK_M", held=2, accumulators=1))
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DLSE, Delta, DQ,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                   stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
-                   stride_dqb, stride_dqh, stride_dqs,
+                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                   stride_db, stride_dh, stride_ds, stride_dqb, stride_dqh, stride_dqs,
                    heads_q, group, seqlen_q, seqlen_k, scale, scale_log2, size_class,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile, and its rows' Δ = rowsum(dO ∘ O) − dLSE (the per-row term of
     dS = P ∘ (dP − Δ)), stored for the dK/dV kernel that runs next."""
     bh = tl.program_id(1)
@@ -403,9 +379,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ,
                 mask=qd_mask, other=0.0)
     do = tl.load(DO + b * stride_db + h * stride_dh + r64 * stride_ds + dims[None, :],
                  mask=qd_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_os + dims[None, :],
+                mask=qd_mask, other=0.0)
     row_at = bh.to(tl.int64) * seqlen_q + rows
     lse_log2 = _load_lse_log2(LSE, row_at, row_ok)
-    delta = tl.load(Delta + row_at, mask=row_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:  # the LSE was used downstream
+        delta -= tl.load(DLSE + row_at, mask=row_ok, other=0.0)
+    tl.store(Delta + row_at, delta, mask=row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full, end = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
@@ -578,19 +559,17 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     block_d, size_class = _head_block(dim), _size_class(batch * heads_q, seqlen_q, seqlen_k)
-    _bwd_delta_kernel[(_cdiv(seqlen_q, 64), batch * heads_q)](
-        out, do, dlse, delta, *_strides(out), *_strides(do), heads_q, seqlen_q,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse.numel() > 0)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    qkv = (*_strides(q), *_strides(k), *_strides(v))
     key = (dim, causal, size_class, q.dtype)
+    _bwd_dq(lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
+            q, k, v, out, do, lse, dlse, delta, dq, *qkv, *_strides(out), *_strides(do),
+            *_strides(dq), heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
+            scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal,
+            HAS_DLSE=dlse.numel() > 0)
     _bwd_dkdv(lambda meta: (_cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
-              q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+              q, k, v, do, lse, delta, dk, dv, *qkv, *_strides(do), *_strides(dk), *_strides(dv),
               heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
               scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
-    _bwd_dq(lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
-            q, k, v, do, lse, delta, dq, *common, *_strides(dq),
-            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale, scale * LOG2E.value,
-            size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
     return dq, dk, dv
 
 
