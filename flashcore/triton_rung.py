@@ -254,11 +254,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE, Delta, row_base, stride_qs, 
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen_q
-        qd_ptrs = rows[None, :].to(tl.int64) * stride_qs + dims[:, None]
+        r64 = rows[None, :].to(tl.int64)
         qd_mask = row_ok[None, :] & dim_ok[:, None]
-        q_t = tl.load(q_base + qd_ptrs, mask=qd_mask, other=0.0)
-        do_t = tl.load(do_base + rows[None, :].to(tl.int64) * stride_ds + dims[:, None],
-                       mask=qd_mask, other=0.0)
+        q_t = tl.load(q_base + r64 * stride_qs + dims[:, None], mask=qd_mask, other=0.0)
+        do_t = tl.load(do_base + r64 * stride_ds + dims[:, None], mask=qd_mask, other=0.0)
         lse_log2 = _load_lse_log2(LSE, row_base + rows, row_ok)
         delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
         s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
@@ -330,8 +329,9 @@ def _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, 
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               MASKED: tl.constexpr):
     """dQ of one query tile from key tiles [start, end): S and dP in registers, dS the A operand
-    of dS·K, K and V read once from shared memory by all three products. MASKED tiles test key
-    bounds (a zero-filled key would get P = 2^-LSE, which can overflow) and causality."""
+    of dS·K; each K and V tile is staged in shared memory once for all three products. MASKED
+    tiles test key bounds (a zero-filled key would get P = 2^-LSE, which can overflow) and
+    causality."""
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_mask = dim_ok[None, :]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import (CUDA, check_backward, check_deterministic_backward, check_forward,
-                      check_sum_loss_gradients, make_qkv)
+                      check_sum_loss_gradients, make_qkv, with_scores_far_below_zero)
 
 pytestmark = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter check; with a GPU the compiled kernels "
@@ -50,7 +50,7 @@ def test_strided_bshd_views():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradients_when_every_score_is_far_below_zero(causal):
     q, k, v = make_qkv(1, 2, 1, 20, 33, 40, dtype=torch.float16, device="cpu")
-    check_backward("triton", q + 10, k - 10, v, causal)
+    check_backward("triton", *with_scores_far_below_zero(q, k), v, causal)
 
 
 def test_backward_is_deterministic():
