@@ -246,7 +246,7 @@ def test_cuda_graph_capture(shape, causal):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 128, 128), (1, 8, 2, 127, 513), (1, 4, 1, 1000, 1000),
                                    (2, 2, 2, 300, 100)], ids=lambda s: "b{}h{}:{}-sq{}-sk{}".format(*s))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dim", [64, 96, 128])
+@pytest.mark.parametrize("dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("rung", TRAINABLE)
 def test_gradients_match_reference(rung, dtype, dim, causal, shape, layout):

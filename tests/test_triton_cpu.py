@@ -35,9 +35,10 @@ def test_forward_matches_reference(dtype, dim, causal, shape):
 
 @pytest.mark.parametrize("shape", SHAPES[2:], ids=shape_ids[2:])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", [40, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_gradients_match_reference(dtype, causal, shape):
-    q, k, v = make_qkv(*shape, 40, dtype=dtype, device="cpu")
+def test_gradients_match_reference(dtype, dim, causal, shape):
+    q, k, v = make_qkv(*shape, dim, dtype=dtype, device="cpu")
     check_backward("triton", q, k, v, causal)
 
 
