@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashcore import triton_rung  # noqa: E402
+from flashcore import jit, triton_rung  # noqa: E402
 
 WATCH = ("cp.async", "ld.global", "st.global", "wgmma.mma", "mma.sync", "ld.shared", "mbarrier",
          "tensormap")
@@ -38,11 +38,10 @@ FP32_POINTERS = ("LSE", "DLSE", "Delta")
 
 def resource_usage(cubin: bytes) -> str:
     """cuobjdump's per-kernel line: REG (registers a thread), STACK (bytes: spills), SHARED…"""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        report = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+        report = subprocess.run([jit.cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
                                 text=True, check=True).stdout
     return " ".join(re.findall(r"(?:REG|STACK|SHARED|LOCAL):\d+", report))
 

@@ -130,6 +130,7 @@ def _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
         full = seqlen_k // BLOCK_N * BLOCK_N
     return full, end
 
+
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, rows, start, end,
                seqlen_k, causal_offset, scale_log2, dim_ok,
@@ -390,13 +391,14 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DLSE, Delta, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full, end = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    causal_offset = seqlen_k - seqlen_q
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, dims,
-                   dim_ok, 0, full, seqlen_k, seqlen_k - seqlen_q, scale_log2,
+                   dim_ok, 0, full, seqlen_k, causal_offset, scale_log2,
                    BLOCK_M, BLOCK_N, CAUSAL, False)
     dq = _dq_tiles(dq, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, dims,
-                   dim_ok, full, end, seqlen_k, seqlen_k - seqlen_q, scale_log2,
+                   dim_ok, full, end, seqlen_k, causal_offset, scale_log2,
                    BLOCK_M, BLOCK_N, CAUSAL, True)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + r64 * stride_dqs + dims[None, :],
@@ -559,17 +561,17 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     block_d, size_class = _head_block(dim), _size_class(batch * heads_q, seqlen_q, seqlen_k)
-    qkv = (*_strides(q), *_strides(k), *_strides(v))
-    key = (dim, causal, size_class, q.dtype)
+    qkv, do_strides = (*_strides(q), *_strides(k), *_strides(v)), _strides(do)
+    key, scale_log2 = (dim, causal, size_class, q.dtype), scale * LOG2E.value
     _bwd_dq(lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q), key,
-            q, k, v, out, do, lse, dlse, delta, dq, *qkv, *_strides(out), *_strides(do),
+            q, k, v, out, do, lse, dlse, delta, dq, *qkv, *_strides(out), *do_strides,
             *_strides(dq), heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
-            scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal,
+            scale_log2, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal,
             HAS_DLSE=dlse.numel() > 0)
     _bwd_dkdv(lambda meta: (_cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv), key,
-              q, k, v, do, lse, delta, dk, dv, *qkv, *_strides(do), *_strides(dk), *_strides(dv),
+              q, k, v, do, lse, delta, dk, dv, *qkv, *do_strides, *_strides(dk), *_strides(dv),
               heads_q, heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, scale,
-              scale * LOG2E.value, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
+              scale_log2, size_class, HEAD_DIM=dim, BLOCK_D=block_d, CAUSAL=causal)
     return dq, dk, dv
 
 
