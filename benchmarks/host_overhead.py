@@ -3,7 +3,9 @@
 On a tiny problem (B=1, H=1, S=16, D=64: the kernel runs in ~2 µs), back-to-back calls are
 host-bound, so wall time per call is host time. Each stage is timed alone after a warm-up:
 argument checks, backend choice, the bare custom op, and the whole public call, beside
-PyTorch's own SDPA for scale.
+PyTorch's own SDPA for scale. Then a training step (forward + backward through autograd) of
+each differentiable rung beside SDPA's: its loop µs, and the step's GPU µs from one profiled
+step, so a host-bound step shows as loop µs far above GPU µs.
 
     python benchmarks/host_overhead.py [--shape 1,8,512,64]
 """
@@ -49,11 +51,36 @@ def main() -> int:
     for name, fn in stages.items():
         table.add_row(name, f"{loop_us(fn):.2f}")
     Console().print(table)
+    Console().print(training_steps(shape))
     # The device side's floor, timed as the mission benchmark's "GPU µs": a one-element kernel.
     one = torch.zeros(1, device="cuda")
     print(f"GPU floor: a one-element kernel takes {graph_us(lambda: one.add_(1), 100):.2f} µs per "
           "call in a CUDA graph (flashcore.bench.graph_us)")
     return 0
+
+
+def training_steps(shape) -> Table:
+    """Loop µs of `attention(q, k, v).backward(dout)` and the GPU µs of one such step (the sum
+    of its kernels' durations in a torch.profiler trace)."""
+    q, k, v = (torch.randn(shape, dtype=torch.float16, device="cuda", requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+    steps = {"SDPA (PyTorch)": lambda: F.scaled_dot_product_attention(q, k, v).backward(dout)}
+    for rung in flashcore.ladder():
+        if rung.has_backward:
+            steps[f"flashcore.attention(backend={rung.name!r})"] = (
+                lambda name=rung.name: flashcore.attention(q, k, v, backend=name).backward(dout))
+    table = Table("fwd+bwd step", "loop µs / step", "GPU µs / step (profiled)",
+                  title=f"training step, shape {shape}, fp16")
+    for name, step in steps.items():
+        loop = loop_us(step)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            torch.cuda.synchronize()
+        gpu = sum(e.self_device_time_total for e in prof.key_averages())  # each kernel once
+        table.add_row(name, f"{loop:.1f}", f"{gpu:.1f}")
+    return table
 
 
 if __name__ == "__main__":

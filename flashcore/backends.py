@@ -143,10 +143,12 @@ class TritonRung(GpuRung):
         return triton_rung
 
     def forward(self, q, k, v, scale, causal, return_lse, needs_grad):
-        # The custom op is what autograd and torch.compile see; a plain inference call skips
-        # its dispatch layer and launches directly (host time matters at small shapes).
-        if needs_grad or torch.compiler.is_compiling():
+        # torch.compile traces the custom op; eager calls skip its dispatch layers (host time
+        # matters at small shapes): autograd.Function when gradients are needed, else the launch.
+        if torch.compiler.is_compiling():
             return self.module.triton_fwd(q, k, v, scale, causal)
+        if needs_grad:
+            return self.module.Attention.apply(q, k, v, scale, causal)
         return self.module.forward(q, k, v, scale, causal)
 
 

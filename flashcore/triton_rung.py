@@ -21,8 +21,10 @@ offsets. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (one fixed
 
 Run: flashcore.attention(q, k, v, backend="triton"); time: python -m flashcore bench;
 inspect the generated code offline: python benchmarks/inspect_triton.py.
-Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.2–10.2), host cost
-per call 44–67 µs (83–98 before the direct launch; SDPA 20–28); forward sweep 217–541
+Measured (H100, 2026-11-25): mission shape 7.6 µs (causal 6.9; peers 9.2–10.2; no tile config
+does better: the keys each CTA walks set it), host cost per call 44–67 µs (83–98 before the
+direct launch; SDPA 20–28), per training step 741–788 µs (928–1047 through the custom op's
+dispatch; SDPA 259–462 on that machine); forward sweep 217–541
 TFLOP/s = 0.63–0.94× cuDNN (D=128 S=4k: 496); fwd+bwd 240–409 TFLOP/s = 1.19–1.49× FA2
 (0.66–0.94× cuDNN), peak memory equal to FA2's. What limits it and what comes next:
 docs/notes.md.
@@ -575,7 +577,7 @@ def backward(do, q, k, v, out, lse, dlse, scale: float, causal: bool):
     return dq, dk, dv
 
 
-# ---- PyTorch custom ops: torch.compile traces them, autograd differentiates them ---------------
+# ---- autograd: PyTorch custom ops for torch.compile, a plain autograd.Function for eager calls --
 
 @torch.library.custom_op("flashcore::triton_fwd", mutates_args=())
 def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -608,13 +610,37 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused LSE costs no zero-filled (B, H, Sq) gradient
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    # .sum() losses hand over expanded (stride-0) gradients: the kernels index dLSE densely.
-    dlse = lse.new_empty(0) if dlse is None else dlse.contiguous()  # empty: Δ skips dLSE
-    dq, dk, dv = triton_bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None
+def _gradients_by(bwd):
+    """The backward formula, calling `bwd`: the custom op where torch.compile traces it, the
+    Python function where autograd runs eagerly."""
+
+    def gradients(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        # .sum() losses hand over expanded (stride-0) gradients: the kernels index dLSE densely.
+        dlse = lse.new_empty(0) if dlse is None else dlse.contiguous()  # empty: Δ skips dLSE
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None
+
+    return gradients
 
 
-triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+triton_fwd.register_autograd(_gradients_by(triton_bwd), setup_context=_setup_context)
+_eager_gradients = _gradients_by(backward)
+
+
+class Attention(torch.autograd.Function):
+    """What an eager call that needs gradients runs: the same kernels and formula as the custom
+    op's registration, without the custom op's dispatch layers (a fifth to a quarter of a
+    training step's host time at the mission shape; docs/notes.md, "Host path")."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal):
+        output = forward(q, k, v, scale, causal)
+        _setup_context(ctx, (q, k, v, scale, causal), output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        return _eager_gradients(ctx, dout, dlse)

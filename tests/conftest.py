@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -81,6 +82,25 @@ def poisoned_call(q, k, v, **kwargs):
     return result
 
 
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """Every floating-point tensor allocated uninitialised through torch.empty/empty_like in the
+    block starts NaN-filled (on any device, stream-ordered before the kernels that fill it), so
+    an element a kernel leaves unwritten reads NaN. The backward allocates dQ, dK, dV and Δ this
+    way: its poisoning holds by construction, whatever the caching allocator hands out."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: poisoned(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poisoned(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
 def check_forward(rung, q, k, v, causal):
     """Runs `rung` on poisoned memory; output and LSE must match float64 within the bound.
 
@@ -108,7 +128,8 @@ def check_forward(rung, q, k, v, causal):
 
 
 def check_backward(rung, q, k, v, causal):
-    """dQ, dK, dV of loss = Σ out·dO + Σ lse·dLSE against float64 autograd, same bound.
+    """dQ, dK, dV of loss = Σ out·dO + Σ lse·dLSE against float64 autograd, same bound; the
+    rung's forward and backward run on NaN-filled allocations.
 
     The LSE term is left out where some row sees no key (its LSE is -inf; the reference's
     gradient there is NaN by definition, the kernel's 0)."""
@@ -128,8 +149,9 @@ def check_backward(rung, q, k, v, causal):
         return lambda q, k, v: flashcore.reference_attention(
             q, k, v, causal=causal, return_lse=True, compute_dtype=dtype)
 
-    got = grads(lambda q, k, v: flashcore.attention(q, k, v, causal=causal, backend=rung,
-                                                    return_lse=True), q.dtype)
+    with nan_filled_allocations():
+        got = grads(lambda q, k, v: flashcore.attention(q, k, v, causal=causal, backend=rung,
+                                                        return_lse=True), q.dtype)
     ref = grads(reference(torch.float64), torch.float64)
     low = grads(reference(q.dtype), q.dtype)
     # Absolute term: one rounding of the gradient's dtype (its unit roundoff), as in

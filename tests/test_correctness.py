@@ -2,7 +2,8 @@
 
 The bound (conftest.check_forward/check_backward) is the flash-attention one: a kernel's error
 against float64 may be at most twice PyTorch's own low-precision error on the same inputs,
-plus a small absolute term. Outputs are NaN-poisoned before each run (conftest.poisoned_call).
+plus a small absolute term. Outputs are NaN-poisoned before each run (conftest.poisoned_call;
+gradients: conftest.nan_filled_allocations).
 """
 
 from __future__ import annotations
@@ -252,6 +253,19 @@ def test_cuda_graph_capture(shape, causal):
 def test_gradients_match_reference(rung, dtype, dim, causal, shape, layout):
     b, hq, hkv, sq, sk = shape
     q, k, v = make_qkv(b, hq, hkv, sq, sk, dim, dtype=dtype, device="cuda", layout=layout)
+    check_backward(rung, q, k, v, causal)
+
+
+@pytest.mark.parametrize("seqlens", [(1, 1), (1, 300), (7, 7), (300, 7)],
+                         ids=lambda s: f"sq{s[0]}-sk{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", [32, 80])
+@pytest.mark.parametrize("rung", TRAINABLE)
+def test_gradients_at_tiny_sequences_and_odd_head_dims(rung, dim, causal, seqlens):
+    """One and seven rows or keys, head dims 32 and 80. Not 300 queries against one key: causal,
+    no row sees two keys, so without the LSE term dQ is 0 in exact arithmetic and the relative
+    error is rounding over nothing."""
+    q, k, v = make_qkv(1, 4, 2, *seqlens, dim, dtype=torch.bfloat16, device="cuda")
     check_backward(rung, q, k, v, causal)
 
 

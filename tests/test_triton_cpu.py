@@ -12,27 +12,23 @@ import os
 import pytest
 import torch
 
+import flashcore
+
 from conftest import (CUDA, check_backward, check_deterministic_backward, check_forward,
-                      check_sum_loss_gradients, make_qkv, with_scores_far_below_zero)
+                      check_sum_loss_gradients, make_qkv, nan_filled_allocations,
+                      with_scores_far_below_zero)
 
 pytestmark = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter check; with a GPU the compiled kernels "
                                        "are checked by test_correctness.py")
 
 
-
 @pytest.fixture(autouse=True)
-def _nan_filled_allocations(monkeypatch):
-    """Every floating-point tensor allocated uninitialised during a test starts NaN-filled (the
-    kernels' outputs, LSE, Δ, dQ, dK, dV among them), so an element a kernel leaves unwritten
-    fails the comparison: on CPU, what conftest.poisoned_call does on a GPU."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(empty_like(*a, **kw)))
+def _nan_filled_allocations():
+    """Every kernel output (forward output, LSE, Δ, dQ, dK, dV) starts NaN-filled, so an element
+    a kernel leaves unwritten fails the comparison: on CPU, what poisoned_call does on a GPU."""
+    with nan_filled_allocations():
+        yield
 
 
 SHAPES = [  # batch, heads_q, heads_kv, seqlen_q, seqlen_k
@@ -77,3 +73,22 @@ def test_backward_is_deterministic():
 
 def test_gradients_of_sum_losses():
     check_sum_loss_gradients("triton", *make_qkv(1, 2, 1, 16, 24, 32, dtype=torch.float16, device="cpu"))
+
+
+def test_custom_op_gradients_equal_the_eager_path():
+    """torch.compile traces the custom op and its autograd registration; eager calls take an
+    autograd.Function. Same kernels, same formula: bit-identical gradients, LSE term included."""
+    q, k, v = make_qkv(1, 4, 2, 24, 40, 32, dtype=torch.float16, device="cpu")
+    dout, dlse = torch.randn_like(q), torch.randn(q.shape[:3])
+
+    def grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        return torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
+
+    scale = q.shape[-1] ** -0.5
+    eager = grads(lambda *t: flashcore.attention(*t, causal=True, backend="triton",
+                                                 return_lse=True))
+    custom_op = grads(lambda *t: torch.ops.flashcore.triton_fwd(*t, scale, True))
+    for a, b in zip(eager, custom_op):
+        assert torch.equal(a, b)
