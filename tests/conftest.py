@@ -65,10 +65,12 @@ def poisoned_call(q, k, v, **kwargs):
 
     The op allocates its own output, so this empties PyTorch's allocator cache, NaN-fills blocks
     of exactly the output's (and LSE's) size, frees them, and checks the op's outputs landed in
-    those blocks: the poisoning is verified, not hoped for.
+    those blocks: the poisoning is verified, not hoped for. On CPU (the Triton interpreter) the
+    allocations themselves are NaN-filled (`nan_filled_allocations`).
     """
     if not q.is_cuda:
-        return flashcore.attention(q, k, v, **kwargs)
+        with nan_filled_allocations():
+            return flashcore.attention(q, k, v, **kwargs)
     flashcore.attention(q, k, v, **kwargs)  # first calls allocate while initialising: not here
     torch.cuda.empty_cache()
     poison = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
@@ -86,8 +88,9 @@ def poisoned_call(q, k, v, **kwargs):
 def nan_filled_allocations():
     """Every floating-point tensor allocated uninitialised through torch.empty/empty_like in the
     block starts NaN-filled (on any device, stream-ordered before the kernels that fill it), so
-    an element a kernel leaves unwritten reads NaN. The backward allocates dQ, dK, dV and Δ this
-    way: its poisoning holds by construction, whatever the caching allocator hands out."""
+    an element a kernel leaves unwritten reads NaN. The Triton rung allocates its outputs, Δ, dQ,
+    dK and dV this way: their poisoning holds by construction, whatever the caching allocator
+    hands out. Allocations in C++ (the CUDA rungs' ops) are out of its reach: poisoned_call."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def poisoned(t):
