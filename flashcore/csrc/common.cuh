@@ -101,6 +101,28 @@ __device__ __forceinline__ const T* row_ptr(const void* base, const int64_t* str
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// n / d for 0 <= n < 2^31 by a divisor fixed for a launch, as a multiply-high and a shift
+// (Granlund and Montgomery's round-up method): shift = ceil(log2 d), mul = floor(2^32 (2^shift
+// - d) / d) + 1; then n / d = (umulhi(n, mul) + n) >> shift, no overflow below 2^31. A signed
+// 32-bit division by a run-time value is ~20 dependent instructions on the GPU.
+struct FastDiv {
+  int d;
+  uint32_t mul, shift;
+  FastDiv() = default;
+  __host__ explicit FastDiv(int divisor) : d(divisor), shift(0) {
+    while ((1u << shift) < uint32_t(divisor)) ++shift;
+    mul = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
+  }
+  __host__ __device__ __forceinline__ int div(int n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(uint32_t(n), mul);
+#else
+    const uint32_t high = uint32_t((uint64_t(uint32_t(n)) * mul) >> 32);
+#endif
+    return int((high + uint32_t(n)) >> shift);
+  }
+};
+
 // ---- launch --------------------------------------------------------------------------------
 // Lets kKernel use `bytes` of dynamic shared memory on `device`: the limit is a per-device
 // attribute, raised on the device's first launch. (Host threads racing here set one value.)

@@ -30,7 +30,9 @@
 //     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
 //     merged in the same kernel (no second launch, no memset).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
-// and the rest pay no mask cost.
+// and the rest pay no mask cost. Bookkeeping kept off the critical path: tile indices divide by
+// host-precomputed multipliers (FastDiv), each GEMM builds one wgmma descriptor per operand and
+// steps it by constants, and shared memory is addressed as such (STS/ATOMS, not generic).
 //
 // Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles,
 // or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
@@ -81,11 +83,10 @@ struct Config {
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
   // holds them and the output's staging; else one, and each consumer stages its output in its
-  // own rows of Q (the next Q then loads once the output is stored). 2 KB: the barriers and
-  // the 1 KB alignment.
+  // own rows of Q (the next Q then loads once the output is stored). 1 KB: the barriers.
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = 2 * kStages * kBlockN * kHeadDim * sizeof(T);
-  static constexpr int kQBuffers = 3 * kQBytes + kKVBytes + 2048 <= kSharedMemoryBytes ? 2 : 1;
+  static constexpr int kQBuffers = 3 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
   // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128).
   static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
   static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
@@ -136,6 +137,8 @@ struct TensorMaps {
 // CTAs per tile, each taking a share of its key tiles. One tile per CTA in both.
 struct Schedule {
   int tiles, m_blocks;
+  FastDiv by_m_blocks, by_heads, by_group;  // m_blocks, heads_q, heads_q / heads_kv
+  int splits_log2;
   int tile_rows;                    // kBlockM, or kRowsPerConsumer when the consumers share rows
   int splits;                       // CTAs per tile (a cluster), 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
@@ -152,7 +155,7 @@ template <class C> __device__ __forceinline__ bool splits_keys(const Schedule& w
 // alternate direction, so a CTA that took one of a round's longest tiles takes one of the
 // next round's shortest.
 __device__ __forceinline__ int tile_index(const Schedule& w, int round) {
-  const int ctas = gridDim.x / w.splits, cta = blockIdx.x / w.splits;
+  const int ctas = gridDim.x >> w.splits_log2, cta = blockIdx.x >> w.splits_log2;
   return round * ctas + (round % 2 ? ctas - 1 - cta : cta);
 }
 // The tiles in that order. Non-causal: one head's query tiles next to each other, so they
@@ -165,7 +168,7 @@ struct Tile {
   int batch, head, row;  // row: the tile's first query row
 };
 __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, int index) {
-  int bh = index / w.m_blocks, m_block = index % w.m_blocks;
+  int bh = w.by_m_blocks.div(index), m_block = index - bh * w.m_blocks;
   if (p.causal) {
     const int section = (index + w.section_skew * w.m_blocks) / (w.section_heads * w.m_blocks);
     const int first = max(0, section * w.section_heads - w.section_skew);
@@ -174,7 +177,8 @@ __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, 
     bh = first + r % width;
     m_block = w.m_blocks - 1 - r / width;
   }
-  return {bh / p.heads_q, bh % p.heads_q, m_block * w.tile_rows};
+  const int batch = w.by_heads.div(bh);
+  return {batch, bh - batch * p.heads_q, m_block * w.tile_rows};
 }
 // This CTA's key tiles [begin, end) of a query tile: those its last (valid) row can see, or the
 // CTA's share of them in a split-KV cluster.
@@ -184,8 +188,8 @@ struct KeyRange {
 template <int kBlockN>
 __device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
   const int n = ceil_div(visible_keys(p, min(p.seqlen_q, t.row + w.tile_rows) - 1), kBlockN);
-  const int rank = blockIdx.x % w.splits;
-  return {rank * n / w.splits, (rank + 1) * n / w.splits};
+  const int rank = blockIdx.x & (w.splits - 1);
+  return {(rank * n) >> w.splits_log2, ((rank + 1) * n) >> w.splits_log2};
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -221,7 +225,6 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
                         const Schedule& w) {
   using Smem = SharedStorage<C>;
   constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
-  const int group = p.heads_q / p.heads_kv;
   int kv_iter = 0, index = tile_index(w, 0);
   for (int round = 0;; ++round) {
     // The tile goes to the consumers with its Q; past the last one, an arrival without Q.
@@ -236,7 +239,7 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
     const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<C::kBlockN>(p, w, t);
-    const int head_kv = t.head / group;
+    const int head_kv = w.by_group.div(t.head);
     mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
@@ -267,12 +270,14 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
 template <class C>
 __device__ __forceinline__ void issue_qk(float (&sc)[C::kScoreRegs], SharedStorage<C>& s, int qb,
                                          int stage, int first_row) {
+  const uint64_t q = smem_desc(&s.q[qb][0][first_row * kChunkElems], 16, kSwizzleAtomBytes);
+  const uint64_t k = smem_desc(&s.k[stage][0][0], 16, kSwizzleAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < C::kHeadDim / kMmaK; ++kk) {
-    const int chunk = kk / 4, offset = (kk % 4) * kMmaK;  // 4 K steps per 64-element chunk
-    const auto* q = &s.q[qb][chunk][first_row * kChunkElems + offset];
-    Wgmma<typename C::T>::ss(sc, smem_desc(q, 16, kSwizzleAtomBytes),
-                             smem_desc(&s.k[stage][chunk][offset], 16, kSwizzleAtomBytes), kk > 0);
+    // 4 K steps per 64-element chunk
+    const uint32_t offset = (kk % 4) * kMmaK * sizeof(typename C::T), chunk = kk / 4;
+    Wgmma<typename C::T>::ss(sc, desc_advance(q, chunk * sizeof(s.q[0][0]) + offset),
+                             desc_advance(k, chunk * sizeof(s.k[0][0]) + offset), kk > 0);
   }
   wgmma_commit();
 }
@@ -282,12 +287,10 @@ template <class C>
 __device__ __forceinline__ void issue_pv(float (&o)[C::kHeadDim / 2], const uint32_t (&pa)[C::kPSteps][4],
                                          SharedStorage<C>& s, int stage) {
   constexpr uint32_t kChunkBytes = C::kBlockN * kSwizzleBytes;  // between V's 64-column chunks
+  const uint64_t v = smem_desc(&s.v[stage][0][0], kChunkBytes, kSwizzleAtomBytes);
 #pragma unroll
-  for (int kk = 0; kk < C::kPSteps; ++kk) {
-    const uint64_t v = smem_desc(&s.v[stage][0][kk * kMmaK * kChunkElems], kChunkBytes,
-                                 kSwizzleAtomBytes);
-    Wgmma<typename C::T>::rs(o, pa[kk], v, true);
-  }
+  for (int kk = 0; kk < C::kPSteps; ++kk)  // 16 rows of V (keys) per K step
+    Wgmma<typename C::T>::rs(o, pa[kk], desc_advance(v, kk * kMmaK * kSwizzleBytes), true);
   wgmma_commit();
 }
 
@@ -620,9 +623,11 @@ template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1)
     hopper_kernel(const AttnParams p, const __grid_constant__ TensorMaps maps, const Schedule w) {
   using Smem = SharedStorage<C>;
-  extern __shared__ char smem_raw[];
-  Smem& s = *reinterpret_cast<Smem*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
+  // 1 KB-aligned (swizzle atoms), and used as declared: through an integer cast (to align it
+  // by hand) the compiler loses the address space, and every access to s becomes a generic
+  // load, store or GPU-scope atomic.
+  extern __shared__ __align__(kSwizzleAtomBytes) char smem_raw[];
+  Smem& s = *reinterpret_cast<Smem*>(smem_raw);
   const int role = warpgroup_index();
   if (threadIdx.x == 0) {
     constexpr int kConsumerWarps = C::kConsumers * kWarpgroupThreads / 32;
@@ -760,6 +765,9 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
                       heads * ceil_div(p.seqlen_q, kRowsPerConsumer) <= sms;
   w.tile_rows = shared ? kRowsPerConsumer : C::kBlockM;
   w.m_blocks = ceil_div(p.seqlen_q, w.tile_rows);
+  w.by_m_blocks = FastDiv(w.m_blocks);
+  w.by_heads = FastDiv(p.heads_q);
+  w.by_group = FastDiv(p.heads_q / p.heads_kv);
   w.tiles = heads * w.m_blocks;
   w.splits = 1;
   const int sharing = shared ? kConsumers : 1;
@@ -767,6 +775,7 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
                       key_tiles >= splits * sharing * kMinSplitKeyTiles;
        splits *= 2)
     if (w.tiles <= max_active_clusters<C>(splits, smem_bytes, device)) w.splits = splits;
+  while ((1 << w.splits_log2) < w.splits) ++w.splits_log2;
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
   // of L2; then sections of the heads that fit, handed out dynamically.
   const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
@@ -789,7 +798,7 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
 
 template <class C>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms) {
-  constexpr int kSmemBytes = sizeof(SharedStorage<C>) + kSwizzleAtomBytes;
+  constexpr int kSmemBytes = sizeof(SharedStorage<C>);
   static_assert(kSmemBytes <= kSharedMemoryBytes, "over an H100 SM's shared memory per block");
   const cudaError_t status = allow_shared_memory<hopper_kernel<C>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;

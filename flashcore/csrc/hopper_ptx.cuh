@@ -143,6 +143,13 @@ __device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t leadin
          uint64_t((stride_bytes >> 4) & 0x3FFF) << 32 | kSwizzle128 << 62;
 }
 
+// The descriptor of the same operand `bytes` further on: only the 14-bit start field changes,
+// and it cannot carry out (shared addresses are below 256 KB), so one 32-bit add of a constant
+// where recomputing the descriptor from the address is a chain of five uniform instructions.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  return (desc & ~uint64_t(0xFFFFFFFF)) | uint32_t(uint32_t(desc) + (bytes >> 4));
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 }
