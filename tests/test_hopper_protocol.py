@@ -97,7 +97,7 @@ class Kernel:
     def q_buffers(self) -> int:  # two where they and an output buffer fit in 227 KB
         q = self.consumers * 64 * self.dim * 2
         kv = 2 * self.stages * self.keys * self.dim * 2
-        return 2 if 3 * q + kv + 2048 <= 227 * 1024 else 1
+        return 2 if 3 * q + kv + 1024 <= 227 * 1024 else 1
 
     @property
     def own_output(self) -> bool:  # else the output is staged in Q

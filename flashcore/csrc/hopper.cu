@@ -44,10 +44,11 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, runs 16:28 and 16:33; cuDNN in the same run): forward 0.84–1.14× cuDNN over
-// the BENCH grid (D=64 non-causal 367–506 TFLOP/s, D=128 437–624), ≥ 1.0× at 12 of 24 points
-// in both runs; D=256 0.82–1.06× (non-causal 598–686); mission shape 7.2 / 7.8 µs against cuDNN's
-// 9.4 / 9.6 (shared rows); few-tile long-key shapes 1.5–1.6× cuDNN. History: docs/notes.md.
+// Measured (H100, run 21:19, cuDNN in the same run): forward 0.86–1.14× cuDNN over the BENCH
+// grid (D=64 non-causal 379–504 TFLOP/s, D=128 452–616), ≥ 1.0× at 16 of 24 points (short
+// S is where it loses: each tile's first Q·Kᵀ and epilogue stand alone); D=256 0.82–1.06×
+// (run 16:29); mission shape 6.5 / 6.9 µs against cuDNN's 9.2 / 9.5; few-tile long-key
+// shapes 1.5–1.6× cuDNN. History: docs/notes.md.
 #include <cudaTypedefs.h>
 
 #include <algorithm>
@@ -528,7 +529,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     }
     if (splits_keys<C>(w)) {  // cluster: send each row's result to the CTA merging it
       release_q_late();    // before the cluster barrier, which the producer joins once Q is back
-      cluster_sync();      // every CTA of the cluster is done with its Q and K/V stages
+      cluster_sync_relaxed();  // every CTA of the cluster is done with its Q and K/V stages
       if (!shared || consumer == 0) {
         auto& part = s.partial();
         const int rows = w.tile_rows / w.splits, rank = blockIdx.x % w.splits;
@@ -659,7 +660,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     consume(p, maps, s, w, role - 1);
   }
   if (splits_keys<C>(w)) {  // the consumers sent their results (two barriers)
-    if (role == 0) cluster_sync();
+    if (role == 0) cluster_sync_relaxed();
     cluster_sync();
     if (role > 0) combine(p, w, s, threadIdx.x - kWarpgroupThreads);
   }

@@ -115,6 +115,12 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
+// The same without ordering memory: only that every thread got here (for instance, that every
+// CTA is done reading what the cluster overwrites next). The release costs a GPU-scope
+// memory barrier (MEMBAR.ALL.GPU).
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
+}
 // The address of `local` (in this CTA's shared memory) in the shared memory of CTA `rank`.
 __device__ __forceinline__ uint32_t cluster_addr(const void* local, int rank) {
   uint32_t remote;
