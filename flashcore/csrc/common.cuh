@@ -106,10 +106,9 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // - d) / d) + 1; then n / d = (umulhi(n, mul) + n) >> shift, no overflow below 2^31. A signed
 // 32-bit division by a run-time value is ~20 dependent instructions on the GPU.
 struct FastDiv {
-  int d;
   uint32_t mul, shift;
   FastDiv() = default;
-  __host__ explicit FastDiv(int divisor) : d(divisor), shift(0) {
+  __host__ explicit FastDiv(int divisor) : shift(0) {
     while ((1u << shift) < uint32_t(divisor)) ++shift;
     mul = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
   }

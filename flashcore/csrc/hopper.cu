@@ -139,7 +139,7 @@ struct TensorMaps {
 struct Schedule {
   int tiles, m_blocks;
   FastDiv by_m_blocks, by_heads, by_group;  // m_blocks, heads_q, heads_q / heads_kv
-  int splits_log2;
+  int splits_log2;                  // splits = 1 << splits_log2
   int tile_rows;                    // kBlockM, or kRowsPerConsumer when the consumers share rows
   int splits;                       // CTAs per tile (a cluster), 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first

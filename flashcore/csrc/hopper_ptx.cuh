@@ -111,13 +111,13 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 
 // ---- thread-block clusters: distributed shared memory ----------------------------------------
 // Every thread of every CTA of the cluster arrives; shared-memory writes before it are visible
-// to the cluster's reads after it. The first one also guarantees all CTAs have started.
+// to the cluster's reads after it.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
-// The same without ordering memory: only that every thread got here (for instance, that every
-// CTA is done reading what the cluster overwrites next). The release costs a GPU-scope
-// memory barrier (MEMBAR.ALL.GPU).
+// The same without ordering memory: only that every thread got here (every CTA has started
+// and, for instance, is done reading what the cluster overwrites next). The release above
+// costs a GPU-scope memory barrier (MEMBAR.ALL.GPU).
 __device__ __forceinline__ void cluster_sync_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
 }
