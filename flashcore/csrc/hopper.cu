@@ -181,6 +181,8 @@ __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, 
   const int batch = w.by_heads.div(bh);
   return {batch, bh - batch * p.heads_q, m_block * w.tile_rows};
 }
+// This CTA's rank in its split-KV cluster (0 without a split; splits are powers of two).
+__device__ __forceinline__ int split_rank(const Schedule& w) { return blockIdx.x & (w.splits - 1); }
 // This CTA's key tiles [begin, end) of a query tile: those its last (valid) row can see, or the
 // CTA's share of them in a split-KV cluster.
 struct KeyRange {
@@ -189,7 +191,7 @@ struct KeyRange {
 template <int kBlockN>
 __device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
   const int n = ceil_div(visible_keys(p, min(p.seqlen_q, t.row + w.tile_rows) - 1), kBlockN);
-  const int rank = blockIdx.x & (w.splits - 1);
+  const int rank = split_rank(w);
   return {(rank * n) >> w.splits_log2, ((rank + 1) * n) >> w.splits_log2};
 }
 
@@ -532,7 +534,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       cluster_sync_relaxed();  // every CTA of the cluster is done with its Q and K/V stages
       if (!shared || consumer == 0) {
         auto& part = s.partial();
-        const int rows = w.tile_rows / w.splits, rank = blockIdx.x % w.splits;
+        const int rows = w.tile_rows / w.splits, rank = split_rank(w);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
@@ -598,7 +600,7 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<C>
   const auto& part = s.partial();
   if (col >= p.head_dim) return;  // the kernel's padding columns (head dim below kHeadDim)
   for (int r = thread / kRowThreads; r < rows; r += kRowsPerPass) {
-    const int q_row = t.row + blockIdx.x % w.splits * rows + r;
+    const int q_row = t.row + split_rank(w) * rows + r;
     if (q_row >= p.seqlen_q) break;
     // Merge the CTAs' (max, sum, O) one at a time, as the online softmax merges key tiles.
     OnlineSoftmax merged;
