@@ -71,6 +71,18 @@ def test_many_tiles_at_head_dim_64(rung, shape, causal):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_query_rows_ending_inside_a_tile(rung, causal, dim):
+    """1050 query rows, 576 persistent tiles at D=128 (384 of 192 rows at D=64): the last tile of
+    each head ends 26 rows into a consumer's 64, and the consumer whose rows all lie past the end
+    (the second of two at D=128, the third of three at D=64) does no work there but keeps the
+    ping-pong turns and hands each K/V stage back."""
+    q, k, v = make_qkv(4, 16, 4, 1050, 1050, dim, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("dim", [64, 128, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("rung", RUNGS)
 def test_tiles_with_and_without_keys_on_one_cta(rung, dim):

@@ -108,11 +108,13 @@ class Kernel:
         return self.consumers == 2 and self.dim <= 128
 
 
-def run(kernel: Kernel, tiles: list[list[int]], shared: bool, seed: int | None,
+def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: int | None,
         q_back_before_cluster: bool = True) -> str:
-    """One launch: tiles[cta] lists the key tiles of each tile that CTA walks (a split launch:
-    one tile per CTA, all of them one cluster). Actors take turns in a fixed order (seed None)
-    or a random one per round. Returns "ok" or "deadlock: <the actors left>"."""
+    """One launch: tiles[cta] lists the tiles that CTA walks (a split launch: one tile per CTA,
+    all of them one cluster), each as (its key tiles, then how many of them each consumer's
+    rows reach: fewer for a causal tile's early rows, none for rows past the last query).
+    Actors take turns in a fixed order (seed None) or a random one per round. Returns "ok" or
+    "deadlock: <the actors left>"."""
     K, stages, q_buffers = kernel.consumers, kernel.stages, kernel.q_buffers
     split = len(tiles) > 1
     cluster = Barrier(len(tiles) * (1 + K))
@@ -137,7 +139,7 @@ def run(kernel: Kernel, tiles: list[list[int]], shared: bool, seed: int | None,
                 q_full[qb].arrive()  # Q (its bytes land at once in this model), or the end
                 if rnd >= len(cta_tiles):
                     break
-                for _ in range(cta_tiles[rnd]):
+                for _ in range(cta_tiles[rnd][0]):
                     stage = kv % stages
                     for empty, full in ((k_empty, k_full), (v_empty, v_full)):
                         yield from empty[stage].wait(ring_phase(kv, stages) ^ 1)
@@ -158,12 +160,24 @@ def run(kernel: Kernel, tiles: list[list[int]], shared: bool, seed: int | None,
                 yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
                 if published[qb] >= len(cta_tiles):
                     break
-                keys = cta_tiles[published[qb]]
-                mine = max(0, ceil_div(keys - skip, step))
+                keys, *reach = cta_tiles[published[qb]]
+                passed = 0 if shared else keys - reach[c]  # key tiles past its rows' reach
+                mine = max(0, ceil_div(keys - passed - skip, step))
                 kv, kv_iter = kv_iter + skip, kv_iter + keys
                 stage = kv % stages
                 q_back_early = kernel.own_output  # else Q holds the output until it is stored
+                for _ in range(passed):  # no work: the turn goes round, the stages go back
+                    yield from turn[c].sync()
+                    pass_turn()
+                    for full, empty in ((k_full, k_empty), (v_full, v_empty)):
+                        yield from full[stage].wait(ring_phase(kv, stages))
+                        empty[stage].arrive(WARPS)
+                    kv += step
+                    stage = kv % stages
                 if mine == 0:
+                    if passed:  # and the turn of the last P·V
+                        yield from turn[c].sync()
+                        pass_turn()
                     if q_back_early:
                         q_empty[qb].arrive(WARPS)
                 else:
@@ -233,15 +247,21 @@ def run(kernel: Kernel, tiles: list[list[int]], shared: bool, seed: int | None,
     return "ok"
 
 
-def launches(mode: str, rng: random.Random) -> list[list[int]]:
-    """Key tiles per tile per CTA for one launch in `mode`. Wider than what hopper.cu's plan()
-    picks (it shares rows only with two stages per consumer or every key tile in the ring, and
-    splits only where each CTA keeps ≥ 4 key tiles): those limits are for speed, and the
-    protocol must hold without them."""
+def launches(kernel: Kernel, mode: str, rng: random.Random) -> list[list[tuple[int, ...]]]:
+    """The tiles of each CTA for one launch in `mode` (see run). Wider than what hopper.cu's
+    plan() picks (it shares rows only with two stages per consumer or every key tile in the
+    ring, and splits only where each CTA keeps ≥ 4 key tiles): those limits are for speed, and
+    the protocol must hold without them."""
+
+    def tile(keys: int) -> tuple[int, ...]:  # sharing rows, each consumer reaches every key
+        reach = [keys if "shared" in mode else rng.choice([keys, keys, keys - 1, 1, 0])
+                 for _ in range(kernel.consumers)]
+        return keys, *(max(0, min(keys, r)) for r in reach)
+
     if mode == "persistent":  # one CTA walking several tiles, some with no keys (causal Sq > Sk)
-        return [[rng.choice([0, 1, 2, 3, 4, 5, 9]) for _ in range(rng.randint(1, 5))]]
+        return [[tile(rng.choice([0, 1, 2, 3, 4, 5, 9])) for _ in range(rng.randint(1, 5))]]
     ctas = rng.choice([2, 4]) if "split" in mode else 1  # a split: one tile per CTA, one cluster
-    return [[rng.choice([0, 1, 2, 3, 4, 5, 7])] for _ in range(ctas)]
+    return [[tile(rng.choice([0, 1, 2, 3, 4, 5, 7]))] for _ in range(ctas)]
 
 
 def modes(kernel: Kernel) -> list[str]:
@@ -257,7 +277,7 @@ CASES = [(Kernel(*k), mode) for k in HOPPER_KERNELS for mode in modes(Kernel(*k)
 def test_no_interleaving_deadlocks(kernel, mode):
     rng = random.Random(f"{kernel}{mode}")
     for trial in range(50):
-        tiles = launches(mode, rng)
+        tiles = launches(kernel, mode, rng)
         for seed in (None, trial):  # a fixed order, then a random one
             assert run(kernel, tiles, mode.startswith("shared"), seed) == "ok", (tiles, seed)
 
@@ -268,6 +288,7 @@ def test_the_model_finds_the_one_q_buffer_split_deadlock():
     The model has to see that one, or it could not be trusted to see others of its kind."""
     kernel = next(k for k in (Kernel(*k) for k in HOPPER_KERNELS)
                   if not k.own_output and k.few_tile_modes)
-    assert run(kernel, [[4], [5]], shared=False, seed=None) == "ok"
-    assert run(kernel, [[4], [5]], shared=False, seed=None,
+    tiles = [[(4, 4, 4)], [(5, 5, 5)]]
+    assert run(kernel, tiles, shared=False, seed=None) == "ok"
+    assert run(kernel, tiles, shared=False, seed=None,
                q_back_before_cluster=False).startswith("deadlock")

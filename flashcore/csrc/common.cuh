@@ -66,7 +66,9 @@ struct OnlineSoftmax {
   }
   // exp2(score - shift()) is a row's unnormalised probability; 0 for masked (-inf) scores.
   __device__ __forceinline__ float shift() const { return max == -INFINITY ? 0.f : max; }
-  __device__ __forceinline__ float output_scale() const { return sum == 0.f ? 0.f : 1.f / sum; }
+  // The sum lies in [1, keys] once a key is seen (its largest term is 1), so the approximate
+  // reciprocal (2 ulp, no special-case branches) is as good as a division here.
+  __device__ __forceinline__ float output_scale() const { return sum == 0.f ? 0.f : __fdividef(1.f, sum); }
   __device__ __forceinline__ float lse() const {
     return sum == 0.f ? -INFINITY : (max + log2f(sum)) * kLn2;
   }

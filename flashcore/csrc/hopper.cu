@@ -30,7 +30,9 @@
 //     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
 //     merged in the same kernel (no second launch, no memset).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
-// and the rest pay no mask cost. Bookkeeping kept off the critical path: tile indices divide by
+// and the rest pay no mask cost. Each consumer walks only the key tiles its own rows reach (a
+// causal tile's early rows reach fewer; rows past the last query none), passing the CTA's
+// others without work. Bookkeeping kept off the critical path: tile indices divide by
 // host-precomputed multipliers (FastDiv), each GEMM builds one wgmma descriptor per operand and
 // steps it by constants, and shared memory is addressed as such (STS/ATOMS, not generic).
 //
@@ -44,11 +46,12 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, run 21:19, cuDNN in the same run): forward 0.86–1.14× cuDNN over the BENCH
-// grid (D=64 non-causal 379–504 TFLOP/s, D=128 452–616), ≥ 1.0× at 16 of 24 points (short
-// S is where it loses: each tile's first Q·Kᵀ and epilogue stand alone); D=256 0.82–1.06×
-// (run 16:29); mission shape 6.5 / 6.9 µs against cuDNN's 9.2 / 9.5; few-tile long-key
-// shapes 1.5–1.6× cuDNN. History: docs/notes.md.
+// Measured (H100, runs 22:00 and 22:03, cuDNN in the same run): forward 0.89–1.14× and
+// 0.94–1.16× cuDNN over the BENCH grid (D=64 non-causal 388–501 TFLOP/s, D=128 470–626), ≥ 1.0×
+// at 18 of 24 points in each (below: D=128 at S=512, where each tile's first Q·Kᵀ, last P·V
+// and epilogue stand alone, and D=128 non-causal 2k–4k); D=256 0.82–1.06× (run 16:29); mission
+// shape 6.2 / 6.7 µs against cuDNN's 9.4 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN.
+// History: docs/notes.md.
 #include <cudaTypedefs.h>
 
 #include <algorithm>
@@ -183,16 +186,29 @@ __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, 
 }
 // This CTA's rank in its split-KV cluster (0 without a split; splits are powers of two).
 __device__ __forceinline__ int split_rank(const Schedule& w) { return blockIdx.x & (w.splits - 1); }
-// This CTA's key tiles [begin, end) of a query tile: those its last (valid) row can see, or the
-// CTA's share of them in a split-KV cluster.
+// Key tiles that query rows [first, first + rows) reach: as far as their last valid row sees.
+template <int kBlockN>
+__device__ __forceinline__ int key_tiles_reached(const AttnParams& p, int first, int rows) {
+  return ceil_div(visible_keys(p, min(p.seqlen_q, first + rows) - 1), kBlockN);
+}
+// This CTA's key tiles [begin, end) of a query tile: those its rows reach, or the CTA's share
+// of them in a split-KV cluster.
 struct KeyRange {
   int begin, end;
 };
 template <int kBlockN>
 __device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
-  const int n = ceil_div(visible_keys(p, min(p.seqlen_q, t.row + w.tile_rows) - 1), kBlockN);
+  const int n = key_tiles_reached<kBlockN>(p, t.row, w.tile_rows);
   const int rank = split_rank(w);
   return {(rank * n) >> w.splits_log2, ((rank + 1) * n) >> w.splits_log2};
+}
+// Where the key tiles of a consumer's 64 rows from `first` end within the CTA's: below its end
+// where they reach fewer (causal: a tile's later rows see further), at its beginning for rows
+// past the last query.
+template <int kBlockN>
+__device__ __forceinline__ int own_key_end(const AttnParams& p, const KeyRange& keys, int first) {
+  if (first >= p.seqlen_q) return keys.begin;
+  return max(keys.begin, min(keys.end, key_tiles_reached<kBlockN>(p, first, kRowsPerConsumer)));
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -405,13 +421,15 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     const int qb = round % Smem::kQBuffers;
     mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
     // Ordered by q_full (release/acquire), and atomic as well so that compute-sanitizer's
-    // racecheck, which does not follow mbarriers, sees no hazard.
-    const int index = atomicAdd(&s.tile[qb], 0);
+    // racecheck, which does not follow mbarriers, sees no hazard; read by one lane per warp
+    // (a warp's 32 atomics on one address run one after another).
+    const int index = __shfl_sync(0xffffffff, lane == 0 ? atomicAdd(&s.tile[qb], 0) : 0, 0);
     if (index >= w.tiles) break;
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<kBlockN>(p, w, t);
-    // Key tiles at or past this index hold keys some row of the CTA tile must not see.
-    const int first_masked = visible_keys(p, t.row) / kBlockN;
+    const int own_end = own_key_end<kBlockN>(p, keys, t.row + first_row);
+    // Key tiles at or past this index hold keys some of the consumer's rows must not see.
+    const int first_masked = visible_keys(p, t.row + first_row) / kBlockN;
     int limit[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
@@ -424,11 +442,6 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     // This consumer's key tiles: n, n - step, … ≥ keys.begin, the kv-th loads of the ring on.
     int n = keys.end - 1 - skip, kv = kv_iter + skip, stage = kv % Smem::kStages;
     kv_iter += max(0, keys.end - keys.begin);
-    // Turns at the tensor cores: one per key tile and one for the last P·V.
-    const auto turns = [&](int c) {
-      const int tiles = max(0, ceil_div(keys.end - keys.begin - (shared ? c : 0), step));
-      return tiles > 0 ? tiles + 1 : 0;
-    };
     // S of key tile n is in registers: hand its K stage back (and Q after the last, unless
     // the output is staged in it).
     const auto release_k = [&] {
@@ -451,7 +464,21 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       for (int kk = 0; kk < C::kPSteps; ++kk) fence_registers(pa[kk]);
       warp_release(&s.v_empty[pv]);
     };
-    if (n < keys.begin) {  // no keys: the output rows are zeros
+    // The CTA's key tiles past the consumer's own: no work, but the turns go round as usual and
+    // each stage goes back once it has landed (its arrival then counts for this use).
+    for (; n >= own_end; n -= step, kv += step, stage = kv % Smem::kStages) {
+      wait_turn<kConsumers>(consumer);
+      pass_turn(next_turn);
+      mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
+      warp_release(&s.k_empty[stage]);
+      mbar_wait(&s.v_full[stage], ring_phase(kv, Smem::kStages));
+      warp_release(&s.v_empty[stage]);
+    }
+    if (n < keys.begin) {  // no keys of its own: the output rows are zeros
+      if (own_end < keys.end) {  // it passed the CTA's: and the turn of their last P·V
+        wait_turn<kConsumers>(consumer);
+        pass_turn(next_turn);
+      }
       if (Smem::kOwnOutput) warp_release(&s.q_empty[qb]);
     } else {
       // Prologue: S of the first key tile alone.
@@ -498,10 +525,17 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     }
     // Sharing rows, the consumer with fewer key tiles takes empty turns at the end, so the two
     // keep alternating (at the start, its partner would wait, holding the turn, for a stage
-    // only its next P·V frees: a deadlock with two stages).
-    for (int i = turns(consumer); i < turns(1 - consumer); ++i) {
-      wait_turn<kConsumers>(consumer);
-      pass_turn(next_turn);
+    // only its next P·V frees: a deadlock with two stages). Turns: one per key tile, one for
+    // the last P·V.
+    if (shared) {
+      const auto turns = [&](int c) {
+        const int tiles = max(0, ceil_div(keys.end - keys.begin - c, kConsumers));
+        return tiles > 0 ? tiles + 1 : 0;
+      };
+      for (int i = turns(consumer); i < turns(1 - consumer); ++i) {
+        wait_turn<kConsumers>(consumer);
+        pass_turn(next_turn);
+      }
     }
 
 #pragma unroll
@@ -842,9 +876,9 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
   kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
-  // Three consumers (192-row tiles) at D=64 once those tiles fill the GPU; not for causal with
-  // under 2k keys, where they measured 0–4% slower (+7–25% elsewhere, docs/notes.md).
-  const bool three = kernel_dims.head_dim == 64 && !(p.causal && p.seqlen_k < 2048) &&
+  // Three consumers (192-row tiles) at D=64 once those tiles fill the GPU (+7–25%; causal under
+  // 2k keys +8–15% since each consumer walks only the key tiles its rows reach; docs/notes.md).
+  const bool three = kernel_dims.head_dim == 64 &&
                      int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms;
   // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
   // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
