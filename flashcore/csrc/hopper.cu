@@ -46,11 +46,11 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, runs 22:00 and 22:03, cuDNN in the same run): forward 0.89–1.14× and
-// 0.94–1.16× cuDNN over the BENCH grid (D=64 non-causal 388–501 TFLOP/s, D=128 470–626), ≥ 1.0×
-// at 18 of 24 points in each (below: D=128 at S=512, where each tile's first Q·Kᵀ, last P·V
-// and epilogue stand alone, and D=128 non-causal 2k–4k); D=256 0.82–1.06× (run 16:29); mission
-// shape 6.2 / 6.7 µs against cuDNN's 9.4 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN.
+// Measured (H100, four sweeps 22:23–22:25, cuDNN in the same run): forward 0.89–1.24× cuDNN
+// over the BENCH grid (D=64 non-causal 390–522 TFLOP/s, D=128 466–640), ≥ 1.0× at 17–19 of 24
+// points (below in all four: D=128 non-causal S ≤ 4k and causal 512, where each tile's first
+// Q·Kᵀ, last P·V and epilogue stand alone); D=256 0.82–1.06× (run 16:29); mission shape
+// 6.2 / 6.6 µs against cuDNN's 9.4 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN.
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
@@ -142,10 +142,10 @@ struct TensorMaps {
 struct Schedule {
   int tiles, m_blocks;
   FastDiv by_m_blocks, by_heads, by_group;  // m_blocks, heads_q, heads_q / heads_kv
-  int splits_log2;                  // splits = 1 << splits_log2
   int tile_rows;                    // kBlockM, or kRowsPerConsumer when the consumers share rows
-  int splits;                       // CTAs per tile (a cluster), 1: no split
+  int splits_log2;                  // CTAs per tile (a cluster): 1 << splits_log2, 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
+  FastDiv by_section_tiles, by_section_heads;  // section_heads · m_blocks, section_heads
   int* next_tile;                   // dynamic scheduling: a zeroed counter; else null
 };
 // The few-tile modes (compiled out of the kernels without them).
@@ -153,7 +153,7 @@ template <class C> __device__ __forceinline__ bool shares_rows(const Schedule& w
   return C::kFewTileModes && w.tile_rows < 2 * kRowsPerConsumer;
 }
 template <class C> __device__ __forceinline__ bool splits_keys(const Schedule& w) {
-  return C::kFewTileModes && w.splits > 1;
+  return C::kFewTileModes && w.splits_log2 > 0;
 }
 // The tile a CTA (a cluster, in split-KV) takes in `round` of a static schedule: rounds
 // alternate direction, so a CTA that took one of a round's longest tiles takes one of the
@@ -174,18 +174,23 @@ struct Tile {
 __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, int index) {
   int bh = w.by_m_blocks.div(index), m_block = index - bh * w.m_blocks;
   if (p.causal) {
-    const int section = (index + w.section_skew * w.m_blocks) / (w.section_heads * w.m_blocks);
+    const int section = w.by_section_tiles.div(index + w.section_skew * w.m_blocks);
     const int first = max(0, section * w.section_heads - w.section_skew);
     const int width = min((section + 1) * w.section_heads - w.section_skew, p.batch * p.heads_q) - first;
     const int r = index - first * w.m_blocks;
-    bh = first + r % width;
-    m_block = w.m_blocks - 1 - r / width;
+    int q;  // sections are section_heads wide, but the first with a skew and a short last one
+    if (width == w.section_heads)
+      q = w.by_section_heads.div(r);
+    else
+      q = r / width;
+    bh = first + r - q * width;
+    m_block = w.m_blocks - 1 - q;
   }
   const int batch = w.by_heads.div(bh);
   return {batch, bh - batch * p.heads_q, m_block * w.tile_rows};
 }
 // This CTA's rank in its split-KV cluster (0 without a split; splits are powers of two).
-__device__ __forceinline__ int split_rank(const Schedule& w) { return blockIdx.x & (w.splits - 1); }
+__device__ __forceinline__ int split_rank(const Schedule& w) { return blockIdx.x & ((1 << w.splits_log2) - 1); }
 // Key tiles that query rows [first, first + rows) reach: as far as their last valid row sees.
 template <int kBlockN>
 __device__ __forceinline__ int key_tiles_reached(const AttnParams& p, int first, int rows) {
@@ -568,7 +573,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       cluster_sync_relaxed();  // every CTA of the cluster is done with its Q and K/V stages
       if (!shared || consumer == 0) {
         auto& part = s.partial();
-        const int rows = w.tile_rows / w.splits, rank = split_rank(w);
+        const int rows = w.tile_rows >> w.splits_log2, rank = split_rank(w);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
@@ -630,7 +635,7 @@ __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<C>
   using T = typename C::T;
   constexpr int kRowThreads = C::kHeadDim / 4, kRowsPerPass = C::kConsumers * kWarpgroupThreads / kRowThreads;
   const Tile t = tile_at(p, w, tile_index(w, 0));
-  const int rows = w.tile_rows / w.splits, col = thread % kRowThreads * 4;
+  const int rows = w.tile_rows >> w.splits_log2, col = thread % kRowThreads * 4;
   const auto& part = s.partial();
   if (col >= p.head_dim) return;  // the kernel's padding columns (head dim below kHeadDim)
   for (int r = thread / kRowThreads; r < rows; r += kRowsPerPass) {
@@ -806,16 +811,15 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   w.by_heads = FastDiv(p.heads_q);
   w.by_group = FastDiv(p.heads_q / p.heads_kv);
   w.tiles = heads * w.m_blocks;
-  w.splits = 1;
   const int sharing = shared ? kConsumers : 1;
-  for (int splits = 2; C::kFewTileModes && splits <= kMaxSplits &&
-                      key_tiles >= splits * sharing * kMinSplitKeyTiles;
-       splits *= 2)
-    if (w.tiles <= max_active_clusters<C>(splits, smem_bytes, device)) w.splits = splits;
-  while ((1 << w.splits_log2) < w.splits) ++w.splits_log2;
+  for (int log2 = 1; C::kFewTileModes && (1 << log2) <= kMaxSplits &&
+                     key_tiles >= (sharing << log2) * kMinSplitKeyTiles;
+       ++log2)
+    if (w.tiles <= max_active_clusters<C>(1 << log2, smem_bytes, device)) w.splits_log2 = log2;
+  const int splits = 1 << w.splits_log2;
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
   // of L2; then sections of the heads that fit, handed out dynamically.
-  const int ctas = w.splits > 1 ? w.tiles : std::min(w.tiles, sms);
+  const int ctas = splits > 1 ? w.tiles : std::min(w.tiles, sms);
   w.section_heads = std::max(1, ctas / 2);
   bool dynamic = false;
   if (p.causal && w.tiles > ctas) {
@@ -830,6 +834,8 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
       dynamic = true;
     }
   }
+  w.by_section_heads = FastDiv(w.section_heads);
+  w.by_section_tiles = FastDiv(w.section_heads * w.m_blocks);
   return {w, ctas, dynamic};
 }
 
@@ -858,7 +864,8 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
       return s;
     }
   }
-  const ClusterLaunch<C> launch(ctas * w.splits, w.splits, kSmemBytes, stream);
+  const int splits = 1 << w.splits_log2;
+  const ClusterLaunch<C> launch(ctas * splits, splits, kSmemBytes, stream);
   const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<C>, p, maps, w);
   if (dynamic) {
     const cudaError_t freed = cudaFreeAsync(w.next_tile, stream);
