@@ -230,8 +230,10 @@ def single_shape(args: argparse.Namespace, names: list[str]) -> list[Row]:
             gpu = graph_us(c.call, args.iters)
             return {"gpu_us": gpu, "loop_us": loop_us(c.call), "tflops": flops / gpu / 1e6}
 
-        group = [{"causal": causal} | measure(c, ref, timings, ("gpu_us", "loop_us", "tflops"))
-                 for c in candidates(names, q, k, v, causal)]
+        cands = candidates(names, q, k, v, causal)
+        first_calls(cands, lambda c: c.output())
+        fields = ("gpu_us", "loop_us", "tflops")
+        group = [{"causal": causal} | measure(c, ref, timings, fields) for c in cands]
         anchor = next((r.get("gpu_us") for r in group if r["backend"] == "sdpa"), None)
         for r in group:
             r["speedup_vs_sdpa"] = anchor / r["gpu_us"] if anchor and r.get("gpu_us") else None
@@ -255,14 +257,28 @@ def sweep_point(shape: Shape, causal: bool, dtype: torch.dtype, names: list[str]
         return timed(lambda: c.output().backward(dout), c.leaves, BACKWARD_FLOP_FACTOR)
 
     fields = ("ms", "tflops", "peak_mib")
+    forward = candidates(names, q, k, v, causal)
+    first_calls(forward, lambda c: c.output())
     rows = [point | {"mode": "fwd"} | measure(c, ref, lambda c: timed(c.call, (), 1.0), fields)
-            for c in candidates(names, q, k, v, causal)]
+            for c in forward]
     if backward:
         dout = torch.randn_like(q)  # one fixed upstream gradient for every backend
         grad_inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        rows += [point | {"mode": "fwd+bwd"} | measure(c, ref, fwd_bwd, fields, grad=True)
-                 for c in candidates(names, *grad_inputs, causal)]
+        both = candidates(names, *grad_inputs, causal)
+        first_calls(both, lambda c: c.output().backward(dout), grad=True)
+        rows += [point | {"mode": "fwd+bwd"} | measure(c, ref, fwd_bwd, fields, grad=True) for c in both]
     return rows
+
+
+def first_calls(cands: Sequence[Candidate], call: Callable[[Candidate], Any], grad: bool = False) -> None:
+    """Every backend's first call at a point before any backend there is timed: `triton`'s first
+    call autotunes (compiling configurations while the GPU idles), and the backend timed right
+    after it read 8–10% low (`hopper` at D=128, docs/notes.md). Errors are left to `measure`."""
+    for c in cands:
+        if c.skip is None:
+            with contextlib.suppress(Exception), torch.inference_mode(not grad), c.context():
+                call(c)
+    torch.cuda.synchronize()
 
 
 def sweep_points(causal: str) -> list[tuple[Shape, bool]]:

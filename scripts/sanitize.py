@@ -7,8 +7,9 @@ shared memory, GQA, Sq ≠ Sk), also at D=96 (the D=128 kernel on zero-padded co
 persistent grid walking several tiles per CTA, at D=40 (three consumers: 192-row tiles fill
 the GPU); one whose causal tiles are handed out dynamically; D=256 over several tiles per CTA
 (each output staged in its tile's Q buffer); D=128 with 176-key tiles over 8k keys (the
-same staging, and its split-KV cluster); and query rows that end inside a tile, so that one
-consumer has no rows of its own there (it passes its turns and hands the stages back)."""
+same staging, and its split-KV cluster); query rows that end inside a tile, so that one
+consumer has no rows of its own there (it passes its turns and hands the stages back); and
+D=128 with three consumers (each turn's P·V waited for before its S; output staged in Q)."""
 
 import sys
 
@@ -18,7 +19,7 @@ import flashcore
 
 SHAPES = [(1, 8, 8, 512, 512, 64), (1, 2, 1, 200, 4000, 128), (1, 2, 1, 200, 4000, 96),
           (2, 24, 4, 520, 640, 40), (1, 60, 60, 300, 1024, 128), (2, 40, 8, 520, 700, 256),
-          (1, 4, 2, 300, 8200, 128), (1, 40, 8, 1050, 600, 128)]
+          (1, 4, 2, 300, 8200, 128), (1, 40, 8, 1050, 600, 128), (1, 48, 12, 400, 2100, 128)]
 
 rung = sys.argv[1] if len(sys.argv) > 1 else "hopper"
 for batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim in SHAPES:

@@ -107,6 +107,10 @@ class Kernel:
     def few_tile_modes(self) -> bool:
         return self.consumers == 2 and self.dim <= 128
 
+    @property
+    def pv_before_s(self) -> bool:  # a turn: the last P·V, waited for, then the next S
+        return self.consumers == 3 and self.dim == 128
+
 
 def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: int | None,
         q_back_before_cluster: bool = True) -> str:
@@ -192,13 +196,18 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
                         kv += step
                         stage = kv % stages
                         yield from turn[c].sync()
+                        if kernel.pv_before_s:  # holding the turn until its P·V is done
+                            yield from v_full[pv_stage].wait(ring_phase(pv_kv, stages))
+                            v_empty[pv_stage].arrive(WARPS)
                         yield from k_full[stage].wait(ring_phase(kv, stages))
-                        yield from v_full[pv_stage].wait(ring_phase(pv_kv, stages))
+                        if not kernel.pv_before_s:
+                            yield from v_full[pv_stage].wait(ring_phase(pv_kv, stages))
                         pass_turn()
                         k_empty[stage].arrive(WARPS)
                         if i == mine - 1 and q_back_early:
                             q_empty[qb].arrive(WARPS)
-                        v_empty[pv_stage].arrive(WARPS)
+                        if not kernel.pv_before_s:
+                            v_empty[pv_stage].arrive(WARPS)
                     yield from turn[c].sync()  # the last P·V alone
                     yield from v_full[stage].wait(ring_phase(kv, stages))
                     pass_turn()

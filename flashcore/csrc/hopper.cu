@@ -5,9 +5,11 @@
 //     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early,
 //     where shared memory holds them; else one, which also stages the output);
 //     each stage completes on a "full" mbarrier and is handed back on an "empty" one. It
-//     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. At D=64,
-//     when 192-row tiles fill the GPU, three consumers (32 / 160 registers): a consumer's
-//     softmax is latency-bound, and a third warp per scheduler hides it (+7–25%).
+//     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. When
+//     192-row tiles fill the GPU, three consumers (32 / 160 registers) at D=64, and at D=128
+//     from 2k keys: a consumer's softmax is latency-bound (without it the GEMMs and their
+//     protocol reach the GPU's matmul rate), and a third warp per scheduler hides it
+//     (D=64 +7–25%, D=128 +1.5–5%).
 //   - Each consumer warpgroup owns 64 query rows of the tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
@@ -36,7 +38,9 @@
 // host-precomputed multipliers (FastDiv), each GEMM builds one wgmma descriptor per operand and
 // steps it by constants, and shared memory is addressed as such (STS/ATOMS, not generic).
 //
-// Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles,
+// Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles
+// and two or three consumers (three: O, S and P do not fit side by side in 160 registers, so
+// each turn issues the last P·V, waits for it and issues S into P's registers; one Q buffer),
 // or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
 // buffer, so shorter launches lose more to each tile's wait for its store and next Q); D=256
 // with 80-key tiles (its 64×256 output takes 128 registers; 80 keys measured 6–9% over 64) and
@@ -46,11 +50,12 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, four sweeps 22:23–22:25, cuDNN in the same run): forward 0.89–1.24× cuDNN
-// over the BENCH grid (D=64 non-causal 390–522 TFLOP/s, D=128 466–640), ≥ 1.0× at 17–19 of 24
-// points (below in all four: D=128 non-causal S ≤ 4k and causal 512, where each tile's first
-// Q·Kᵀ, last P·V and epilogue stand alone); D=256 0.82–1.06× (run 16:29); mission shape
-// 6.2 / 6.6 µs against cuDNN's 9.4 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN.
+// Measured (H100, two sweeps 23:27, cuDNN in the same run): forward 0.97–1.25× cuDNN over the
+// BENCH grid (D=64 non-causal 381–512 TFLOP/s, D=128 464–643), ≥ 1.0× at 20 and 21 of 24
+// points (below in both: D=128 S=512, causal and not, where each tile's first Q·Kᵀ, last P·V
+// and epilogue stand alone, and D=64 non-causal 1k at 0.98–0.999); D=256 0.82–1.06× (run
+// 16:29); mission shape 6.2 / 6.5 µs against cuDNN's 9.1 / 9.4; few-tile long-key shapes
+// 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul rate (~710).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
@@ -95,6 +100,10 @@ struct Config {
   static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
   static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
   static constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
+  // Three consumers at D=128: O, S and P do not fit side by side in 160 registers, so a turn
+  // issues the previous key tile's P·V, waits for it, then issues S into P's registers (the
+  // consumer's softmax hides under the other two's GEMMs rather than under its own P·V).
+  static constexpr bool kPvBeforeS = kConsumers == 3 && kHeadDim == 128;
 };
 
 template <class C>
@@ -499,29 +508,43 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       to_operand<T>(sc, pa);
       // Steady state: S of tile n and P·V of the previous one go to the tensor cores together;
       // the softmax of tile n runs while that P·V is still in flight.
+      // (C::kPvBeforeS: that P·V first, done, then S.)
       for (n -= step; n >= keys.begin; n -= step) {
         const int pv_stage = stage, pv_kv = kv;
         kv += step;
         stage = kv % Smem::kStages;
         wait_turn<kConsumers>(consumer);
+        if constexpr (C::kPvBeforeS) {
+          mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
+          scale_rows(o, correction);
+          fence_registers(o);
+          wgmma_fence();
+          issue_pv(o, pa, s, pv_stage);
+          finish_pv(pv_stage);
+        }
         mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
         fence_registers(o);
         wgmma_fence();
         issue_qk(sc, s, qb, stage, first_row);
-        mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
-        issue_pv(o, pa, s, pv_stage);
+        if constexpr (!C::kPvBeforeS) {
+          mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
+          issue_pv(o, pa, s, pv_stage);
+        }
         pass_turn(next_turn);
-        wgmma_wait<1>();  // S done; P·V may still run
+        wgmma_wait<C::kPvBeforeS ? 0 : 1>();  // S done (two consumers: P·V may still run)
         fence_registers(sc);
         release_k();
         softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
-        finish_pv(pv_stage);
-        scale_rows(o, correction);
+        if constexpr (!C::kPvBeforeS) {
+          finish_pv(pv_stage);
+          scale_rows(o, correction);
+        }
         to_operand<T>(sc, pa);
       }
       // Epilogue of the loop: P·V of the last key tile.
       wait_turn<kConsumers>(consumer);
       mbar_wait(&s.v_full[stage], ring_phase(kv, Smem::kStages));
+      if constexpr (C::kPvBeforeS) scale_rows(o, correction);
       fence_registers(o);
       wgmma_fence();
       issue_pv(o, pa, s, stage);
@@ -883,22 +906,26 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
   kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
-  // Three consumers (192-row tiles) at D=64 once those tiles fill the GPU (+7–25%; causal under
-  // 2k keys +8–15% since each consumer walks only the key tiles its rows reach; docs/notes.md).
-  const bool three = kernel_dims.head_dim == 64 &&
-                     int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms;
   // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
   // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
   // −14% at 512 keys; docs/notes.md).
   const bool wide = kernel_dims.head_dim == 128 &&
                     p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
+  // Three consumers (192-row tiles) once those tiles fill the GPU: at D=64 (+7–25%; causal under
+  // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=128
+  // from 2k keys (+1.5–5%; below, one Q buffer and the serial P·V then S lose 5–14%).
+  const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms &&
+                     (kernel_dims.head_dim == 64 ||
+                      (kernel_dims.head_dim == 128 && !wide && p.seqlen_k >= 2048));
   return dispatch<64, 128, 256>(kernel_dims, [&](auto tag) {
     using T = typename decltype(tag)::Elem;
     constexpr int kHeadDim = decltype(tag)::kHeadDim;
     if constexpr (kHeadDim == 64)
       if (three) return launch<Config<T, 64, 3, 128>>(p, stream, device, sms);
-    if constexpr (kHeadDim == 128)
+    if constexpr (kHeadDim == 128) {
       if (wide) return launch<Config<T, 128, 2, 176>>(p, stream, device, sms);
+      if (three) return launch<Config<T, 128, 3, 128>>(p, stream, device, sms);
+    }
     return launch<Config<T, kHeadDim, 2, kHeadDim == 256 ? 80 : 128>>(p, stream, device, sms);
   });
 }
