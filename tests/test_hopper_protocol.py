@@ -93,15 +93,17 @@ class Kernel:
     def stages(self) -> int:
         return 4 if self.dim <= 64 else 2
 
-    @property
-    def q_buffers(self) -> int:  # two where they and an output buffer fit in 227 KB
+    def bytes_with(self, q_like_buffers: int) -> int:  # Q and output buffers, K/V, barriers
         q = self.consumers * 64 * self.dim * 2
-        kv = 2 * self.stages * self.keys * self.dim * 2
-        return 2 if 3 * q + kv + 1024 <= 227 * 1024 else 1
+        return q_like_buffers * q + 2 * self.stages * self.keys * self.dim * 2 + 1024
 
     @property
-    def own_output(self) -> bool:  # else the output is staged in Q
-        return self.q_buffers == 2
+    def q_buffers(self) -> int:  # two where they fit in 227 KB
+        return 2 if self.bytes_with(2) <= 227 * 1024 else 1
+
+    @property
+    def own_output(self) -> bool:  # an output buffer where it fits too, else the output is staged in Q
+        return self.bytes_with(self.q_buffers + 1) <= 227 * 1024
 
     @property
     def few_tile_modes(self) -> bool:

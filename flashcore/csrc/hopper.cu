@@ -3,13 +3,14 @@
 // What it adds over `triton`: the Hopper machinery by hand.
 //   - A producer warpgroup (one thread) streams Q, K and V tiles with TMA (128-byte swizzle)
 //     into a ring of shared-memory stages (Q: two buffers, so the next tile's Q loads early,
-//     where shared memory holds them; else one, which also stages the output);
+//     where shared memory holds them, else one; the output is staged in a buffer of its own,
+//     or in its tile's Q);
 //     each stage completes on a "full" mbarrier and is handed back on an "empty" one. It
 //     keeps 40 registers (setmaxnreg); the two consumer warpgroups take 232 each. When
 //     192-row tiles fill the GPU, three consumers (32 / 160 registers) at D=64, and at D=128
 //     from 2k keys: a consumer's softmax is latency-bound (without it the GEMMs and their
 //     protocol reach the GPU's matmul rate), and a third warp per scheduler hides it
-//     (D=64 +7–25%, D=128 +1.5–5%).
+//     (D=64 +7–25%, D=128 +3–10%).
 //   - Each consumer warpgroup owns 64 query rows of the tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
@@ -40,7 +41,8 @@
 //
 // Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles
 // and two or three consumers (three: O, S and P do not fit side by side in 160 registers, so
-// each turn issues the last P·V, waits for it and issues S into P's registers; one Q buffer),
+// each turn issues the last P·V, waits for it and issues S into P's registers; the output is
+// staged in Q),
 // or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
 // buffer, so shorter launches lose more to each tile's wait for its store and next Q); D=256
 // with 80-key tiles (its 64×256 output takes 128 registers; 80 keys measured 6–9% over 64) and
@@ -91,11 +93,13 @@ struct Config {
   static constexpr int kChunks = kHeadDim / kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
-  // holds them and the output's staging; else one, and each consumer stages its output in its
-  // own rows of Q (the next Q then loads once the output is stored). 1 KB: the barriers.
+  // holds them, else one. The output is staged in a buffer of its own where that fits too,
+  // else in each consumer's own rows of the tile's Q, which then goes back only once the output
+  // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers.
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = 2 * kStages * kBlockN * kHeadDim * sizeof(T);
-  static constexpr int kQBuffers = 3 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
+  static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
+  static constexpr bool kOwnOutput = (kQBuffers + 1) * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes;
   // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128).
   static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
   static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
@@ -110,7 +114,7 @@ template <class C>
 struct SharedStorage {
   using T = typename C::T;
   static constexpr int kChunks = C::kChunks, kStages = C::kStages, kQBuffers = C::kQBuffers;
-  static constexpr bool kOwnOutput = kQBuffers == 2;  // output staging of its own, or in Q
+  static constexpr bool kOwnOutput = C::kOwnOutput;  // output staging of its own, or in Q
   T q[kQBuffers][kChunks][C::kBlockM * kChunkElems];
   T k[kStages][kChunks][C::kBlockN * kChunkElems];
   T v[kStages][kChunks][C::kBlockN * kChunkElems];
@@ -913,7 +917,7 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
                     p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
   // Three consumers (192-row tiles) once those tiles fill the GPU: at D=64 (+7–25%; causal under
   // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=128
-  // from 2k keys (+1.5–5%; below, one Q buffer and the serial P·V then S lose 5–14%).
+  // from 2k keys (+3–10% at 2k–8k; at 1k −3 to +1%, at 512 the 192-row tiles' padding loses).
   const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms &&
                      (kernel_dims.head_dim == 64 ||
                       (kernel_dims.head_dim == 128 && !wide && p.seqlen_k >= 2048));
