@@ -61,14 +61,18 @@ def test_more_tiles_than_sms(rung, causal):
                                                 (64, (4, 16, 4, 1000, 2100), True),
                                                 (64, (1, 48, 48, 600, 8192), True),
                                                 (128, (2, 16, 4, 1000, 3000), False),
-                                                (128, (4, 16, 4, 1000, 2100), True)],
-                         ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d128-full", "d128-causal"])
+                                                (128, (4, 16, 4, 1000, 2100), True),
+                                                (128, (1, 136, 8, 127, 2100), False),
+                                                (96, (2, 16, 4, 1000, 3000), True)],
+                         ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d128-full", "d128-causal",
+                              "d128-sq127", "d96-causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_many_tiles_three_consumers(rung, dim, shape, causal):
     """Enough 192-row tiles to fill the GPU, where `hopper` runs three consumer warpgroups per
     CTA: at D=64, and at D=128 from 2k keys (each turn waits for its P·V before its S, which
-    reuses P's registers; the output staged in Q): ragged S (the last tile's second and third
-    consumers without rows), GQA, bf16; and causal tiles from the counter (K/V beyond L2)."""
+    reuses P's registers; the output staged in Q; also 127 query rows, and D=96 on the D=128
+    kernel's zero-padded columns): ragged S (the last tile's second and third consumers without
+    rows), GQA, bf16; and causal tiles from the counter (K/V beyond L2)."""
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
     q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=torch.bfloat16,
                        device="cuda")
