@@ -36,15 +36,19 @@ def main() -> int:
         return 0
     q, k, v = (torch.randn(shape, dtype=torch.float16, device="cuda") for _ in range(3))
     table = Table("stage", "µs / call", title=f"host cost per call, shape {shape}, fp16")
+    key = api._common_call_key(q, k, v, False, None, False, "auto")
     stages = {
-        "argument checks": lambda: api._check_inputs(q, k, v, False, None, False, "auto"),
-        "backend choice (memoised)": lambda: api._select("auto", q, k, v, False, False),
+        "argument checks and memo key": lambda: api._common_call_key(q, k, v, False, None, False, "auto"),
+        "backend choice (memoised)": lambda: api._select(key, "auto", q, k, v, False, False),
         "SDPA (PyTorch)": lambda: F.scaled_dot_product_attention(q, k, v),
+        "torch.empty_like(q) (an output's allocation)": lambda: torch.empty_like(q),
     }
     for rung in flashcore.ladder():
-        if hasattr(rung, "op"):  # the CUDA rungs' bare TORCH_LIBRARY op
+        if hasattr(rung, "op"):  # the CUDA rungs' bare TORCH_LIBRARY op, and its function
             stages[f"torch.ops.flashcore.{rung.name}_fwd"] = (
                 lambda op=rung.op: op(q, k, v, 0.125, False, False))
+            stages[f"{rung.name}: the op's function, direct"] = (
+                lambda fn=rung.direct: fn(q, k, v, 0.125, False, False))
         stages[f"flashcore.attention(backend={rung.name!r})"] = (
             lambda name=rung.name: flashcore.attention(q, k, v, backend=name))
     stages["flashcore.attention() (auto)"] = lambda: flashcore.attention(q, k, v)

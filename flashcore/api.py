@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import jit
-from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend, rows_16b_aligned
+from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
 
 _NAMES = "(batch, heads, seq, head_dim)"
 _choices: dict[tuple, Backend] = {}
@@ -50,23 +50,56 @@ def attention(
             runs. A rung named explicitly that cannot take the inputs raises ValueError saying
             why.
     """
-    _check_inputs(q, k, v, causal, scale, return_lse, backend)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = _select(backend, q, k, v, causal, needs_grad)
+    key = _common_call_key(q, k, v, causal, scale, return_lse, backend)
+    if key is None:  # an unusual call, a wrong one (named errors), or one torch.compile traces
+        _check_inputs_in_detail(q, k, v, causal, scale, return_lse, backend)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    else:
+        needs_grad = key[-1]
+    chosen = _select(key, backend, q, k, v, causal, needs_grad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = chosen.forward(q, k, v, scale, causal, return_lse, needs_grad)
     return (out, lse) if return_lse else out
 
 
-def _select(backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
-    """The backend to run: memoised on everything a why_not answer depends on."""
-    if torch.compiler.is_compiling():  # traced once; data_ptr() has no meaning there
-        return _choose(backend, q, k, v, causal, needs_grad)
-    key = (backend, q.device, q.dtype, q.shape[-1], causal, needs_grad, rows_16b_aligned(q, k, v))
-    chosen = _choices.get(key)
+def _common_call_key(q, k, v, causal, scale, return_lse, backend) -> tuple | None:
+    """For a valid call of the common form, the key its backend choice is memoised under
+    (everything a why_not answer depends on); else None.
+
+    One combined test and a few attribute reads: host time per call matters at small shapes.
+    Anything it does not accept goes through the detailed checks, which either name the problem
+    or accept an unusual but valid call. None too while torch.compile traces (data_ptr() has no
+    meaning there).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        qs, ks = q.shape, k.shape
+        (qb, qh, qm, qd), (kb, kh, km, kd), (vb, vh, vm, vd) = q.stride(), k.stride(), v.stride()
+        if not (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
+                and qs[3] == ks[3] and qs[3] > 0 and ks[1] > 0 and qs[1] % ks[1] == 0
+                and q.dtype == k.dtype == v.dtype and q.is_floating_point()
+                and q.device == k.device == v.device and qd == 1 and kd == 1 and vd == 1
+                and type(causal) is bool and type(return_lse) is bool and type(backend) is str
+                and (scale is None or type(scale) is float)):
+            return None
+    except (AttributeError, TypeError, ValueError):  # ValueError: not 4 strides to unpack
+        return None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # The low 4 bits of the pointers and row strides in bytes: finer than rows_16b_aligned (which
+    # the rungs ask), and read from the strides already at hand.
+    low_bits = (q.data_ptr() | k.data_ptr() | v.data_ptr()
+                | (qb | qh | qm | kb | kh | km | vb | vh | vm) * q.element_size()) & 15
+    return (backend, q.device, q.dtype, qs[3], causal, low_bits, needs_grad)
+
+
+def _select(key: tuple | None, backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
+    """The backend to run: memoised under the call's key, if it has one."""
+    chosen = _choices.get(key) if key is not None else None
     if chosen is None:
         chosen = _choose(backend, q, k, v, causal, needs_grad)
-        _choices[key] = chosen
+        if key is not None:
+            _choices[key] = chosen
     return chosen
 
 
@@ -83,28 +116,6 @@ def _choose(backend: str, q, k, v, causal: bool, needs_grad: bool) -> Backend:
     if reason is not None:
         raise ValueError(reason)
     return chosen
-
-
-def _check_inputs(q, k, v, causal, scale, return_lse, backend) -> None:
-    """Raises the error that names what is wrong; returns quietly on valid arguments.
-
-    The common valid call is accepted by one combined test (a few attribute reads): host time
-    per call matters at small shapes. Anything it does not accept goes through the detailed
-    checks below, which either name the problem or accept an unusual but valid call.
-    """
-    try:
-        qs, ks = q.shape, k.shape
-        if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
-                and qs[3] == ks[3] and qs[3] > 0 and ks[1] > 0 and qs[1] % ks[1] == 0
-                and q.dtype == k.dtype == v.dtype and q.is_floating_point()
-                and q.device == k.device == v.device
-                and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-                and type(causal) is bool and type(return_lse) is bool and type(backend) is str
-                and (scale is None or type(scale) is float)):
-            return
-    except (AttributeError, TypeError):
-        pass
-    _check_inputs_in_detail(q, k, v, causal, scale, return_lse, backend)
 
 
 def _check_inputs_in_detail(q, k, v, causal, scale, return_lse, backend) -> None:

@@ -122,7 +122,17 @@ class CudaRung(GpuRung):
         jit.load(self.name)
         return getattr(torch.ops.flashcore, f"{self.name}_fwd").default
 
+    @functools.cached_property
+    def direct(self):
+        """The op's C++ function called straight from Python (no dispatcher on the way)."""
+        return jit.load(self.name).module.forward
+
     def forward(self, q, k, v, scale, causal, return_lse, needs_grad):
+        # Plain tensors in eager mode call the function directly; tensor subclasses (fake
+        # tensors), dispatch modes and torch.compile see the op.
+        if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+                and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()):
+            return self.direct(q, k, v, scale, causal, return_lse)
         return self.op(q, k, v, scale, causal, return_lse)
 
 

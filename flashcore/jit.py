@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -59,6 +61,7 @@ def build_key(rung: str, capability: tuple[int, int]) -> str:
 class Library:
     rung: str
     path: Path  # the shared library that registered torch.ops.flashcore.<rung>_fwd
+    module: ModuleType  # the same library as a Python module: module.forward is the op's function
 
 
 @functools.cache
@@ -73,25 +76,27 @@ def load(rung: str) -> Library:
     name = f"flashcore_{rung}"
     path = build_dir / f"{name}.so"
     if path.exists():
-        torch.ops.load_library(str(path))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # loading it registers the op
     else:
-        _compile(rung, name, build_dir, capability)
+        module = _compile(rung, name, build_dir, capability)
     _register_fake(rung)
-    return Library(rung, path)
+    return Library(rung, path, module)
 
 
-def _compile(rung: str, name: str, build_dir: Path, capability: tuple[int, int]) -> None:
+def _compile(rung: str, name: str, build_dir: Path, capability: tuple[int, int]) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        load_extension(
+        return load_extension(
             name=name,
             sources=[str(CSRC / f"{rung}.cu"), str(CSRC / "binding.cpp")],
             extra_cflags=[*_CXX_FLAGS, f"-DFLASHCORE_RUNG={rung}"],
             extra_cuda_cflags=[*_CUDA_FLAGS, arch_flag(capability)],
             build_directory=str(build_dir),
-            is_python_module=False,
+            is_python_module=True,
             verbose=False,
         )
     except (RuntimeError, subprocess.CalledProcessError) as error:

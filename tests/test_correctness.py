@@ -211,11 +211,11 @@ def test_auto_picks_the_fastest_rung_that_fits():
     for dim, expected in ((64, "hopper" if HOPPER else "triton"), (80, "hopper" if HOPPER else "triton"),
                           (160, "hopper" if HOPPER else "triton")):
         q, k, v = make_qkv(1, 2, 2, 64, 64, dim, dtype=torch.float16, device="cuda")
-        assert flashcore.api._select("auto", q, k, v, False, False).name == expected
-        assert flashcore.api._select("auto", q, k, v, False, True).name == "triton"
+        assert flashcore.api._choose("auto", q, k, v, False, False).name == expected
+        assert flashcore.api._choose("auto", q, k, v, False, True).name == "triton"
         assert rel_error(flashcore.attention(q, k, v), flashcore.reference_attention(q, k, v)) < 2e-3
     q, k, v = make_qkv(1, 2, 2, 64, 64, 24, dtype=torch.float16, device="cuda")
-    assert flashcore.api._select("auto", q, k, v, False, False).name == "reference"
+    assert flashcore.api._choose("auto", q, k, v, False, False).name == "reference"
 
 
 def test_seed_build_form():
@@ -261,6 +261,19 @@ def test_cuda_graph_capture(shape, causal):
             q.copy_(torch.randn_like(q))
             graph.replay()
             assert rel_error(out, flashcore.reference_attention(q, k, v, causal=causal)) < 2e-3
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_a_call_waits_for_the_kernel_that_writes_its_inputs(rung):
+    """Two calls back to back in one stream, the second reading the first's output. `hopper`
+    launches while the kernel before it still runs (programmatic dependent launch) and must
+    wait for it before it reads: the first call is long (32k keys) and its output lands in
+    NaN-filled memory, so a read too early reads NaN."""
+    q, k, v = make_qkv(1, 8, 8, 512, 32768, 64, dtype=torch.float16, device="cuda")
+    first = poisoned_call(q, k, v, backend=rung)
+    second = flashcore.attention(first, first, first, backend=rung)
+    assert rel_error(first, flashcore.reference_attention(q, k, v)) < 2e-3
+    assert rel_error(second, flashcore.reference_attention(first, first, first)) < 2e-3
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])

@@ -72,7 +72,9 @@ def test_hopper_kernel_machine_code(tmp_path):
     consumers (384 threads) 168 → 40 / 232, three (512 threads, D=64 and 128) 128 → 32 / 160. And
     ptxas kept the wgmmas asynchronous: its "serialized" warnings (C7514, C7520) cost 15–20%
     once (docs/notes.md). Shared memory is addressed as shared memory (STS, ATOMS): through a
-    generic pointer every access to it was a generic store or a GPU-scope atomic (docs/notes.md)."""
+    generic pointer every access to it was a generic store or a GPU-scope atomic (docs/notes.md).
+    Launched as a programmatic dependent, each kernel waits for the previous one in the stream
+    before its first global memory access."""
     obj = tmp_path / "hopper.o"
     report = compile_kernels(jit.CSRC / "hopper.cu", TARGETS["sm_90a"], obj)
     assert "serialized" not in report, report
@@ -96,6 +98,11 @@ def test_hopper_kernel_machine_code(tmp_path):
         assert "UTMALDG.4D" in code and "UTMASTG.4D" in code, f"{kernel}: no TMA copies"
         assert re.search(r"\bSTS\b", code) and "ATOMS.EXCH" in code, f"{kernel}: generic shared access"
         assert not re.search(r"\bATOM\.E\b", code), f"{kernel}: generic atomics"
+        # Programmatic dependent launch: dependents allowed to launch (PREEXIT), and the wait for
+        # the previous kernel (ACQBULK) placed before every global memory access in the code.
+        first_global = re.search(r"\b(UTMALDG|UTMASTG|LDG|STG|ATOMG|REDG?)\b", code)
+        wait = code.find("ACQBULK")
+        assert "PREEXIT" in code and 0 <= wait < first_global.start(), f"{kernel}: griddepcontrol"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")

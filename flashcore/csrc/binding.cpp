@@ -4,11 +4,16 @@
 //   flashcore::<rung>_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal,
 //                         bool return_lse) -> (Tensor out, Tensor lse)
 //
+// The same function is also the extension module's `forward`, which eager calls use: a direct
+// call skips the dispatcher's argument boxing and its autograd fallback (host time is most of a
+// small call). torch.compile, fake tensors and dispatch modes go through the op.
+//
 // flashcore.attention validates arguments with user-facing messages before calling this; the
 // checks here only guard memory safety for direct calls of the op.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -89,3 +94,7 @@ TORCH_LIBRARY_FRAGMENT(flashcore, m) {
 }
 
 TORCH_LIBRARY_IMPL(flashcore, CUDA, m) { m.impl(FC_OP_NAME, &forward); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "The op's function, called without the dispatcher.");
+}

@@ -32,6 +32,9 @@
 //     keys too: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the key tiles;
 //     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
 //     merged in the same kernel (no second launch, no memset).
+//   - Programmatic dependent launch: the next kernel in the stream may launch once every CTA
+//     has set up its barriers, and each thread waits for the previous kernel before touching
+//     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost. Each consumer walks only the key tiles its own rows reach (a
 // causal tile's early rows reach fewer; rows past the last query none), passing the CTA's
@@ -715,6 +718,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     mbar_init_fence();
   }
   __syncthreads();
+  allow_dependents_to_launch();  // every CTA of a launch is resident from the start
   if (role == 0) {
     regs_shrink_to<C::kProducerRegisters>();
     if (threadIdx.x == 0) {
@@ -722,10 +726,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       tma_prefetch_map(&maps.k);
       tma_prefetch_map(&maps.v);
       tma_prefetch_map(&maps.o);
+      wait_for_previous_grid();
       produce(p, maps, s, w);
     }
   } else {
     regs_grow_to<C::kConsumerRegisters>();
+    wait_for_previous_grid();
     consume(p, maps, s, w, role - 1);
   }
   if (splits_keys<C>(w)) {  // the consumers sent their results (two barriers)
@@ -782,17 +788,21 @@ bool make_map(CUtensorMap* map, const void* base, DType dtype, int dim, int seql
 template <class C>
 struct ClusterLaunch {
   cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster;
+  cudaLaunchAttribute attrs[2];
   ClusterLaunch(int ctas, int splits, int smem_bytes, cudaStream_t stream) {
     config.gridDim = dim3(ctas);
     config.blockDim = dim3(C::kThreads);
     config.dynamicSmemBytes = smem_bytes;
     config.stream = stream;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = splits;
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = splits;
+    attrs[0].val.clusterDim.y = attrs[0].val.clusterDim.z = 1;
+    // Programmatic dependent launch: the kernel may start while the previous one in the stream
+    // ends; it waits for it (griddepcontrol.wait) before touching global memory.
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attrs;
+    config.numAttrs = 2;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config points into it
 };
@@ -805,8 +815,10 @@ int max_active_clusters(int splits, int smem_bytes, int device) {
   int& entry = known[device % 64][splits];
   if (entry == 0) {
     const ClusterLaunch<C> launch(splits, splits, smem_bytes, nullptr);
+    cudaLaunchConfig_t config = launch.config;
+    config.numAttrs = 1;  // the cluster shape only
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<C>, &launch.config) != cudaSuccess)
+    if (cudaOccupancyMaxActiveClusters(&clusters, hopper_kernel<C>, &config) != cudaSuccess)
       clusters = 0;
     entry = clusters + 1;
   }

@@ -109,6 +109,18 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- programmatic dependent launch (a launch attribute; no-ops without it) ------------------
+// Lets the next kernel in the stream launch and run its own set-up while this one finishes.
+__device__ __forceinline__ void allow_dependents_to_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+// Waits until the previous kernel in the stream has completed and its writes are visible: no
+// global memory may be touched before it (the previous kernel may write our inputs, or still
+// read memory that is our output).
+__device__ __forceinline__ void wait_for_previous_grid() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 // ---- thread-block clusters: distributed shared memory ----------------------------------------
 // Every thread of every CTA of the cluster arrives; shared-memory writes before it are visible
 // to the cluster's reads after it.
