@@ -4,9 +4,10 @@
 //   flashcore::<rung>_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal,
 //                         bool return_lse) -> (Tensor out, Tensor lse)
 //
-// The same function is also the extension module's `forward`, which eager calls use: a direct
-// call skips the dispatcher's argument boxing and its autograd fallback (host time is most of a
-// small call). torch.compile, fake tensors and dispatch modes go through the op.
+// The same function, less the empty LSE tensor, is also the extension module's `forward`,
+// which eager calls use: a direct call skips the dispatcher's argument boxing and its autograd
+// fallback (host time is most of a small call). torch.compile, fake tensors and dispatch modes
+// go through the op.
 //
 // flashcore.attention validates arguments with user-facing messages before calling this; the
 // checks here only guard memory safety for direct calls of the op.
@@ -35,9 +36,10 @@ void set_strides(int64_t* dst, const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, double scale, bool causal,
-                                           bool return_lse) {
+// The LSE is an undefined tensor (None in Python) unless asked for.
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, double scale, bool causal,
+                                       bool return_lse) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, FC_OP_NAME ": q, k, v must be 4-D");
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
               FC_OP_NAME ": q, k, v must be on one CUDA device");
@@ -55,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = return_lse ? at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat))
-                              : at::empty({0}, q.options().dtype(at::kFloat));
+                              : at::Tensor();
   if (out.numel() == 0) return {out, lse};
 
   flashcore::AttnParams p{};
@@ -85,6 +87,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   return {out, lse};
 }
 
+// The op returns an empty LSE where none was asked for (its schema has two tensors).
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, double scale, bool causal,
+                                           bool return_lse) {
+  auto [out, lse] = run(q, k, v, scale, causal, return_lse);
+  if (!return_lse) lse = at::empty({0}, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashcore, m) {
@@ -96,5 +107,5 @@ TORCH_LIBRARY_FRAGMENT(flashcore, m) {
 TORCH_LIBRARY_IMPL(flashcore, CUDA, m) { m.impl(FC_OP_NAME, &forward); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "The op's function, called without the dispatcher.");
+  m.def("forward", &run, "The op's function without the dispatcher (LSE None unless asked for).");
 }
