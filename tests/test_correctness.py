@@ -218,6 +218,32 @@ def test_auto_picks_the_fastest_rung_that_fits():
     assert flashcore.api._choose("auto", q, k, v, False, False).name == "reference"
 
 
+@pytest.mark.parametrize("rung", [r.name for r in flashcore.ladder() if isinstance(r, flashcore.backends.CudaRung)])
+def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(rung, monkeypatch):
+    """A CUDA rung's eager call on plain tensors runs the op's C++ function directly; under a
+    dispatch mode the op itself runs, where the mode sees it. Both give the same bits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device="cuda")
+    backend = flashcore.backends.BACKENDS[rung]
+    if backend.why_not(q, k, v) is not None:
+        pytest.skip(backend.why_not(q, k, v))
+    direct, direct_calls, seen = backend.direct, [], []
+    monkeypatch.setattr(backend, "direct", lambda *args: direct_calls.append(1) or direct(*args))
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    plain = flashcore.attention(q, k, v, backend=rung)
+    assert direct_calls == [1]
+    with Record():
+        recorded = flashcore.attention(q, k, v, backend=rung)
+    assert direct_calls == [1] and f"flashcore.{rung}_fwd.default" in seen
+    assert torch.equal(plain, recorded)
+
+
 def test_seed_build_form():
     for rung in ("baseline", "wmma"):
         ext = flashcore.build(rung)
