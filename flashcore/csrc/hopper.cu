@@ -276,11 +276,14 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
       mbar_arrive(&s.q_full[qb]);
       return;
     }
-    // Asked for now, so the answer is back long before it is needed.
-    const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<C::kBlockN>(p, w, t);
     const int head_kv = w.by_group.div(t.head);
+    // The first tile's place is worked out from parameters alone while the previous kernel
+    // may still run; global memory only after it has finished.
+    if (round == 0) wait_for_previous_grid();
+    // Asked for now, so the answer is back long before it is needed.
+    const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
     mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
@@ -726,8 +729,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       tma_prefetch_map(&maps.k);
       tma_prefetch_map(&maps.v);
       tma_prefetch_map(&maps.o);
-      wait_for_previous_grid();
-      produce(p, maps, s, w);
+      produce(p, maps, s, w);  // waits for the previous kernel before its first load
     }
   } else {
     regs_grow_to<C::kConsumerRegisters>();
