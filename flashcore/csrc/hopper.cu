@@ -444,11 +444,14 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
   int kv_iter = 0;
   for (int round = 0;; ++round) {
     const int qb = round % Smem::kQBuffers;
-    mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
-    // Ordered by q_full (release/acquire), and atomic as well so that compute-sanitizer's
-    // racecheck, which does not follow mbarriers, sees no hazard; read by one lane per warp
-    // (a warp's 32 atomics on one address run one after another).
-    const int index = __shfl_sync(0xffffffff, lane == 0 ? atomicAdd(&s.tile[qb], 0) : 0, 0);
+    // The first tile is the producer's first, tile_index(w, 0): its bookkeeping below runs
+    // before its Q lands and while the previous kernel may still run. Later tiles come with
+    // their Q, ordered by q_full (release/acquire), and read atomically as well so that
+    // compute-sanitizer's racecheck, which does not follow mbarriers, sees no hazard; read by
+    // one lane per warp (a warp's 32 atomics on one address run one after another).
+    if (round > 0) mbar_wait(&s.q_full[qb], ring_phase(round, Smem::kQBuffers));
+    const int index = round == 0 ? tile_index(w, 0)
+                                 : __shfl_sync(0xffffffff, lane == 0 ? atomicAdd(&s.tile[qb], 0) : 0, 0);
     if (index >= w.tiles) break;
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<kBlockN>(p, w, t);
@@ -458,6 +461,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     int limit[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
+    if (round == 0) {
+      wait_for_previous_grid();  // before the epilogue's stores, the consumers' first global access
+      mbar_wait(&s.q_full[qb], ring_phase(0, Smem::kQBuffers));
+    }
     OnlineSoftmax row[2];
     float o[kHeadDim / 2], sc[C::kScoreRegs], correction[2];
     uint32_t pa[C::kPSteps][4];
@@ -733,8 +740,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     }
   } else {
     regs_grow_to<C::kConsumerRegisters>();
-    wait_for_previous_grid();
-    consume(p, maps, s, w, role - 1);
+    consume(p, maps, s, w, role - 1);  // waits for the previous kernel once its first tile is planned
   }
   if (splits_keys<C>(w)) {  // the consumers sent their results (two barriers)
     if (role == 0) cluster_sync_relaxed();
