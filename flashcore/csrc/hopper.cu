@@ -34,7 +34,8 @@
 //     merged in the same kernel (no second launch, no memset).
 //   - Programmatic dependent launch: the next kernel in the stream may launch once every CTA
 //     has set up its barriers, and each thread waits for the previous kernel before touching
-//     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs).
+//     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs);
+//     the first tile is planned before that wait, by the producer and the consumers (→ 5.1).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
 // and the rest pay no mask cost. Each consumer walks only the key tiles its own rows reach (a
 // causal tile's early rows reach fewer; rows past the last query none), passing the CTA's
@@ -55,13 +56,13 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 00:25, cuDNN in the same run): forward 0.97–1.41× cuDNN
-// over the BENCH grid (D=64 non-causal 390–521 TFLOP/s, D=128 477–637), ≥ 1.0× at 20 and 22 of
-// 24 points (below in the full sweep: D=128 non-causal S=512 and 1k, causal 512, where each
-// tile's first Q·Kᵀ, last P·V and epilogue stand alone, and D=64 causal 512 at 0.998; in the
-// short one D=128 causal 512 and non-causal 8k); D=256 0.82–1.06× (run 16:29); mission shape
-// 5.4 / 5.6 µs against cuDNN's 9.0 / 9.4; few-tile long-key shapes 1.5–1.6× cuDNN. Without its
-// softmax the steady loop reaches the GPU's matmul rate (~710 TFLOP/s).
+// Measured (H100, two sweeps 2026-11-26 00:56, cuDNN in the same run): forward 0.97–1.29× cuDNN
+// over the BENCH grid (D=64 non-causal 384–524 TFLOP/s, D=128 473–631), ≥ 1.0× at 19 and 20 of
+// 24 points (below in both: D=128 S=512 causal and not, where each tile's first Q·Kᵀ, last P·V
+// and epilogue stand alone, and D=128 non-causal 1k at 0.99–0.998; 20 and 22 in the previous
+// build's two); D=256 0.82–1.06× (run 16:29); mission shape 5.0 / 5.1 µs against cuDNN's
+// 9.1 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
+// reaches the GPU's matmul rate (~710 TFLOP/s).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
