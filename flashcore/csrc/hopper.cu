@@ -729,7 +729,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     mbar_init_fence();
   }
   __syncthreads();
-  allow_dependents_to_launch();  // every CTA of a launch is resident from the start
+  allow_dependents_to_launch();  // they launch once every CTA of this one has got here
   if (role == 0) {
     regs_shrink_to<C::kProducerRegisters>();
     if (threadIdx.x == 0) {
