@@ -27,8 +27,9 @@
 //     within sections of half a round of heads (balanced loads, a head's K/V stays in L2), or,
 //     where those heads' K/V outgrow half of L2, within sections of the heads that fit, taken
 //     from a counter (zeroed per launch) as CTAs come free.
-//   - Few tiles (few heads, short queries): the two consumers share a 64-row tile, taking every
-//     other key tile, and consumer 1's registers join consumer 0's through shared memory. Many
+//   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
+//     as 64 rows), taking every other key tile, and consumer 1's registers join consumer 0's
+//     through shared memory. Many
 //     keys too: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the key tiles;
 //     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
 //     merged in the same kernel (no second launch, no memset).
@@ -56,13 +57,13 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 00:56, cuDNN in the same run): forward 0.97–1.29× cuDNN
-// over the BENCH grid (D=64 non-causal 384–524 TFLOP/s, D=128 473–631), ≥ 1.0× at 19 and 20 of
-// 24 points (below in both: D=128 S=512 causal and not, where each tile's first Q·Kᵀ, last P·V
-// and epilogue stand alone, and D=128 non-causal 1k at 0.99–0.998; 20 and 22 in the previous
-// build's two); D=256 0.82–1.06× (run 16:29); mission shape 5.0 / 5.1 µs against cuDNN's
-// 9.1 / 9.5; few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
-// reaches the GPU's matmul rate (~710 TFLOP/s).
+// Measured (H100, two sweeps 2026-11-26 02:29, cuDNN in the same run): forward 0.97–1.29× cuDNN
+// over the BENCH grid (D=64 non-causal 384–518 TFLOP/s, D=128 470–622), ≥ 1.0× at 18 and 23 of
+// 24 points (below in both: D=128 causal S=512, where each tile's first Q·Kᵀ, last P·V and
+// epilogue stand alone; 19–22 in the previous builds' sweeps); D=256 0.82–1.06× (run 16:29);
+// mission shape 5.0 / 5.0 µs against cuDNN's 9.2 / 9.4 (what bounds it: docs/notes.md); few-tile
+// long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul
+// rate (~710 TFLOP/s).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
@@ -92,9 +93,13 @@ struct Config {
   static constexpr int kHeadDim = kHeadDim_, kConsumers = kConsumers_, kBlockN = kBlockN_;
   static constexpr int kBlockM = kConsumers * kRowsPerConsumer;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  // Registers per thread after setmaxnreg: 128 × (producer + kConsumers × consumer) ≤ 64K.
+  // Registers per thread after setmaxnreg. Warpgroups trade registers only within what the CTA
+  // was launched with, its threads times the cap at entry (64K / threads, down to a multiple of
+  // 8); asking for more waits forever (docs/notes.md: four consumers).
   static constexpr int kProducerRegisters = kConsumers == 2 ? 40 : 32;
   static constexpr int kConsumerRegisters = kConsumers == 2 ? 232 : 160;
+  static_assert(kWarpgroupThreads * (kProducerRegisters + kConsumers * kConsumerRegisters) <=
+                    65536 / kThreads / 8 * 8 * kThreads, "more registers than the CTA starts with");
   static constexpr int kChunks = kHeadDim / kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
@@ -266,7 +271,8 @@ template <class C>
 __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStorage<C>& s,
                         const Schedule& w) {
   using Smem = SharedStorage<C>;
-  constexpr uint32_t kQBytes = sizeof(Smem::q[0]), kKVBytes = sizeof(Smem::k[0]);
+  constexpr uint32_t kKVBytes = sizeof(Smem::k[0]);
+  const uint32_t q_bytes = w.tile_rows * C::kHeadDim * sizeof(typename C::T);  // the tile's rows of Q
   int kv_iter = 0, index = tile_index(w, 0);
   for (int round = 0;; ++round) {
     // The tile goes to the consumers with its Q; past the last one, an arrival without Q.
@@ -285,7 +291,7 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
     if (round == 0) wait_for_previous_grid();
     // Asked for now, so the answer is back long before it is needed.
     const int next = w.next_tile ? gridDim.x + atomicAdd(w.next_tile, 1) : tile_index(w, round + 1);
-    mbar_arrive_expect_tx(&s.q_full[qb], kQBytes);
+    mbar_arrive_expect_tx(&s.q_full[qb], q_bytes);
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
       tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.row, t.head, t.batch);
@@ -895,15 +901,15 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   const cudaError_t status = allow_shared_memory<hopper_kernel<C>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
 
-  TensorMaps maps;
+  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes);
+  TensorMaps maps;  // Q in boxes of a tile's rows (64 where the consumers share them)
   const bool ok =
-      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, C::kBlockM) &&
+      make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, w.tile_rows) &&
       make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, C::kBlockN) &&
       make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, C::kBlockN) &&
       make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                kRowsPerConsumer);
   if (!ok) return cudaErrorInvalidValue;
-  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes);
   // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
   if (dynamic) {
     cudaError_t s = cudaMallocAsync(&w.next_tile, sizeof(int), stream);
