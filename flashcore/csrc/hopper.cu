@@ -29,10 +29,9 @@
 //     from a counter (zeroed per launch) as CTAs come free.
 //   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
 //     as 64 rows), taking every other key tile, and consumer 1's registers join consumer 0's
-//     through shared memory. Many
-//     keys too: a cluster of 2–8 CTAs per tile, each taking a share (≥ 4) of the key tiles;
-//     their unnormalised (O, max, sum) rows meet through distributed shared memory and are
-//     merged in the same kernel (no second launch, no memset).
+//     through shared memory. Many keys too: a cluster of 2–8 CTAs per tile, each taking a share
+//     (≥ 4) of the key tiles; their unnormalised (O, max, sum) rows meet through distributed
+//     shared memory and are merged in the same kernel (no second launch, no memset).
 //   - Programmatic dependent launch: the next kernel in the stream may launch once every CTA
 //     has set up its barriers, and each thread waits for the previous kernel before touching
 //     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs);
