@@ -10,7 +10,6 @@
 // loads K and V, by box size, swizzle and L2 promotion. Each line: the median over CTAs and
 // repeats of the cycles from the first issue to the last byte landed, and bytes per cycle per SM.
 // docs/notes.md (Phase 3, "The mission's loads") has what it measured.
-#include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
@@ -18,38 +17,29 @@
 #include <cstdio>
 #include <vector>
 
+#include "../flashcore/csrc/hopper_ptx.cuh"  // the mbarrier helpers the hopper kernel uses
+
+using namespace flashcore::sm90;
+
 constexpr int kChunk = 16 * 1024;  // one TMA bulk copy
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// The CTA's one mbarrier (one arrival: thread 0's, which also sets the bytes it waits for).
-__device__ __forceinline__ void init_barrier(unsigned long long* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)));
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-__device__ __forceinline__ void expect_bytes(unsigned long long* bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void wait_landed(unsigned long long* bar) {
-  asm volatile(
-      "{ .reg .pred done;\n"
-      "wait: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
-      "@!done bra wait; }" ::"r"(smem_addr(bar)) : "memory");
+// The CTA's one mbarrier: one arrival, thread 0's, which also sets the bytes it waits for.
+__device__ __forceinline__ void init_barrier(uint64_t* bar) {
+  mbar_init(bar, 1);
+  mbar_init_fence();
 }
 
 // tma_share: bytes (from the start) copied by TMA; the rest by cp.async from warps 1 .. warps.
 __global__ void __launch_bounds__(384, 1)
     intake(const char* src, int bytes, int group, int tma_share, int warps, long long* cycles) {
   extern __shared__ __align__(1024) char smem[];
-  __shared__ __align__(8) unsigned long long bar;
+  __shared__ __align__(8) uint64_t bar;
   const char* base = src + size_t(blockIdx.x / group) * bytes;
   if (threadIdx.x == 0) init_barrier(&bar);
   __syncthreads();
   const long long start = clock64();
   if (threadIdx.x == 0) {
-    expect_bytes(&bar, tma_share);
+    mbar_arrive_expect_tx(&bar, tma_share);
     for (int off = 0; off < tma_share; off += kChunk)
       asm volatile(
           "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
@@ -65,7 +55,7 @@ __global__ void __launch_bounds__(384, 1)
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    wait_landed(&bar);
+    mbar_wait(&bar, 0);
     cycles[blockIdx.x] = clock64() - start;
   }
 }
@@ -75,21 +65,21 @@ __global__ void __launch_bounds__(384, 1)
 __global__ void __launch_bounds__(384, 1)
     intake_tensor(const __grid_constant__ CUtensorMap map, int bytes, int group, int box_rows, long long* cycles) {
   extern __shared__ __align__(1024) char smem[];
-  __shared__ __align__(8) unsigned long long bar;
+  __shared__ __align__(8) uint64_t bar;
   const int row0 = (blockIdx.x / group) * (bytes / 128);
   if (threadIdx.x == 0) {
     init_barrier(&bar);
-    asm volatile("prefetch.tensormap [%0];" ::"l"(&map) : "memory");
+    tma_prefetch_map(&map);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     const long long start = clock64();
-    expect_bytes(&bar, bytes);
+    mbar_arrive_expect_tx(&bar, bytes);
     for (int off = 0; off < bytes; off += box_rows * 128)
       asm volatile(
           "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
           ::"r"(smem_addr(smem + off)), "l"(&map), "r"(0), "r"(row0 + off / 128), "r"(smem_addr(&bar)) : "memory");
-    wait_landed(&bar);
+    mbar_wait(&bar, 0);
     cycles[blockIdx.x] = clock64() - start;
   }
 }

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (a type only: the driver is reached at run time, not linked)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
