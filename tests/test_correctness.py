@@ -91,6 +91,20 @@ def test_query_rows_ending_inside_a_tile(rung, causal, dim):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("seqlens", [(256, 192), (256, 193), (300, 364), (300, 365)],
+                         ids=lambda s: f"sq{s[0]}-sk{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("rung", RUNGS)
+def test_rows_seeing_half_a_key_tile(rung, dim, causal, seqlens):
+    """Rows that see at most the first 64 keys of their first (highest) 128-key tile: `hopper`
+    computes that tile's S and softmax over the half, P's other half zero. Either side of the
+    bound: non-causal, 64 or 65 keys in the last key tile; causal (bottom-right), a 64-row
+    consumer whose last row sees 64 or 65 keys into the diagonal tile."""
+    q, k, v = make_qkv(2, 4, 2, *seqlens, dim, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("dim", [64, 128, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("rung", RUNGS)
 def test_tiles_with_and_without_keys_on_one_cta(rung, dim):

@@ -37,7 +37,9 @@
 //     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs);
 //     the first tile is planned before that wait, by the producer and the consumers (→ 5.1).
 // Key tiles run last to first, so the masked tiles (causal diagonal, ragged end) come first
-// and the rest pay no mask cost. Each consumer walks only the key tiles its own rows reach (a
+// and the rest pay no mask cost; where a consumer's rows see no further than the first half of
+// that tile (a causal tile's first 64 rows), its S and softmax cover the half (causal S=512
+// +2–4%). Each consumer walks only the key tiles its own rows reach (a
 // causal tile's early rows reach fewer; rows past the last query none), passing the CTA's
 // others without work. Bookkeeping kept off the critical path: tile indices divide by
 // host-precomputed multipliers (FastDiv), each GEMM builds one wgmma descriptor per operand and
@@ -117,6 +119,10 @@ struct Config {
   // issues the previous key tile's P·V, waits for it, then issues S into P's registers (the
   // consumer's softmax hides under the other two's GEMMs rather than under its own P·V).
   static constexpr bool kPvBeforeS = kConsumers == 3 && kHeadDim == 128;
+  // A consumer whose rows see only the first half of its first key tile (the causal diagonal
+  // of a tile's first rows, a short ragged end) computes S and the softmax over that half
+  // (not in the kPvBeforeS kernel: its 160 registers spill with the second prologue).
+  static constexpr bool kHalfFirst = kBlockN == 128 && !kPvBeforeS;
 };
 
 template <class C>
@@ -316,9 +322,10 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
 // Accumulator entry 4t + 2i + j of a thread sits at row `row + 8i` of the consumer's 64 and
 // column 8t + `col` + j (hopper_ptx.cuh); i picks one of the thread's two rows.
 
-// S = Q·Kᵀ for the consumer's 64 rows and the keys of a stage; asynchronous (committed).
-template <class C>
-__device__ __forceinline__ void issue_qk(float (&sc)[C::kScoreRegs], SharedStorage<C>& s, int qb,
+// S = Q·Kᵀ for the consumer's 64 rows and the stage's first 2 · kScoreRegs keys; asynchronous
+// (committed).
+template <class C, int kScoreRegs>
+__device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<C>& s, int qb,
                                          int stage, int first_row) {
   const uint64_t q = smem_desc(&s.q[qb][0][first_row * kChunkElems], 16, kSwizzleAtomBytes);
   const uint64_t k = smem_desc(&s.k[stage][0][0], 16, kSwizzleAtomBytes);
@@ -385,13 +392,16 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
   for (int i = 0; i < 2; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
 }
 
-// P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles.
-template <typename T, int kScoreRegs>
-__device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kScoreRegs / 8][4]) {
+// P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles;
+// P·V's K steps past the scores (keys not computed) get zeros.
+template <typename T, int kScoreRegs, int kPSteps>
+__device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kPSteps][4]) {
+  static_assert(kScoreRegs / 8 <= kPSteps);
 #pragma unroll
-  for (int kk = 0; kk < kScoreRegs / 8; ++kk)
+  for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) pa[kk][j] = pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]);
+    for (int j = 0; j < 4; ++j)
+      pa[kk][j] = kk < kScoreRegs / 8 ? pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]) : 0u;
 }
 
 template <int kRegs>
@@ -462,6 +472,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<kBlockN>(p, w, t);
     const int own_end = own_key_end<kBlockN>(p, keys, t.row + first_row);
+    const int own_keys = visible_keys(p, min(p.seqlen_q, t.row + first_row + kRowsPerConsumer) - 1);
     // Key tiles at or past this index hold keys some of the consumer's rows must not see.
     const int first_masked = visible_keys(p, t.row + first_row) / kBlockN;
     int limit[2];
@@ -519,17 +530,27 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       }
       if (Smem::kOwnOutput) warp_release(&s.q_empty[qb]);
     } else {
-      // Prologue: S of the first key tile alone.
-      wait_turn<kConsumers>(consumer);
-      mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
-      wgmma_fence();
-      issue_qk(sc, s, qb, stage, first_row);
-      pass_turn(next_turn);
-      wgmma_wait<0>();
-      fence_registers(sc);
-      release_k();
-      softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
-      to_operand<T>(sc, pa);
+      // Prologue: S of the first key tile alone, over its first half where the rows see no
+      // further (P's other half is then zero). Each width is a whole turn of its own: a wgmma
+      // under a run-time condition inside a turn makes ptxas serialise every wgmma.
+      const auto prologue = [&](auto& scores) {
+        wait_turn<kConsumers>(consumer);
+        mbar_wait(&s.k_full[stage], ring_phase(kv, Smem::kStages));
+        wgmma_fence();
+        issue_qk(scores, s, qb, stage, first_row);
+        pass_turn(next_turn);
+        wgmma_wait<0>();
+        fence_registers(scores);
+        release_k();
+        softmax_tile(scores, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        to_operand<T>(scores, pa);
+      };
+      if (!(C::kHalfFirst && own_keys - n * kBlockN <= kBlockN / 2)) {
+        prologue(sc);
+      } else if constexpr (C::kHalfFirst) {
+        float half_sc[C::kScoreRegs / 2];  // not sc's first half: ptxas then serialises wgmma (C7511)
+        prologue(half_sc);
+      }
       // Steady state: S of tile n and P·V of the previous one go to the tensor cores together;
       // the softmax of tile n runs while that P·V is still in flight.
       // (C::kPvBeforeS: that P·V first, done, then S.)
