@@ -58,11 +58,11 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 02:29, cuDNN in the same run): forward 0.97–1.29× cuDNN
-// over the BENCH grid (D=64 non-causal 384–518 TFLOP/s, D=128 470–622), ≥ 1.0× at 18 and 23 of
-// 24 points (below in both: D=128 causal S=512, where each tile's first Q·Kᵀ, last P·V and
-// epilogue stand alone; 19–22 in the previous builds' sweeps); D=256 0.82–1.06× (run 16:29);
-// mission shape 5.0 / 5.0 µs against cuDNN's 9.2 / 9.4 (what bounds it: docs/notes.md); few-tile
+// Measured (H100, two sweeps 2026-11-26 03:07, cuDNN in the same run): forward 0.96–1.27× cuDNN
+// over the BENCH grid (D=64 non-causal 382–515 TFLOP/s, D=128 464–632), ≥ 1.0× at 20 and 22 of
+// 24 points (below in both: D=128 non-causal S=512, where each tile's first Q·Kᵀ, last P·V and
+// epilogue stand alone; 18–23 in the previous builds' sweeps); D=256 0.82–1.06× (run 16:29);
+// mission shape 4.8 / 5.1 µs against cuDNN's 9.1 / 9.4 (what bounds it: docs/notes.md); few-tile
 // long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul
 // rate (~710 TFLOP/s).
 // History: docs/notes.md.
