@@ -219,10 +219,9 @@ __device__ __forceinline__ Tile tile_at(const AttnParams& p, const Schedule& w, 
 }
 // This CTA's rank in its split-KV cluster (0 without a split; splits are powers of two).
 __device__ __forceinline__ int split_rank(const Schedule& w) { return blockIdx.x & ((1 << w.splits_log2) - 1); }
-// Key tiles that query rows [first, first + rows) reach: as far as their last valid row sees.
-template <int kBlockN>
-__device__ __forceinline__ int key_tiles_reached(const AttnParams& p, int first, int rows) {
-  return ceil_div(visible_keys(p, min(p.seqlen_q, first + rows) - 1), kBlockN);
+// Keys that query rows [first, first + rows) see: as far as their last valid row sees.
+__device__ __forceinline__ int keys_seen(const AttnParams& p, int first, int rows) {
+  return visible_keys(p, min(p.seqlen_q, first + rows) - 1);
 }
 // This CTA's key tiles [begin, end) of a query tile: those its rows reach, or the CTA's share
 // of them in a split-KV cluster.
@@ -231,17 +230,17 @@ struct KeyRange {
 };
 template <int kBlockN>
 __device__ __forceinline__ KeyRange key_range(const AttnParams& p, const Schedule& w, const Tile& t) {
-  const int n = key_tiles_reached<kBlockN>(p, t.row, w.tile_rows);
+  const int n = ceil_div(keys_seen(p, t.row, w.tile_rows), kBlockN);
   const int rank = split_rank(w);
   return {(rank * n) >> w.splits_log2, ((rank + 1) * n) >> w.splits_log2};
 }
-// Where the key tiles of a consumer's 64 rows from `first` end within the CTA's: below its end
-// where they reach fewer (causal: a tile's later rows see further), at its beginning for rows
-// past the last query.
+// Where the key tiles of a consumer's 64 rows from `first`, which see `own_keys` keys
+// (keys_seen), end within the CTA's: below its end where they reach fewer (causal: a tile's
+// later rows see further), at its beginning for rows past the last query.
 template <int kBlockN>
-__device__ __forceinline__ int own_key_end(const AttnParams& p, const KeyRange& keys, int first) {
+__device__ __forceinline__ int own_key_end(const AttnParams& p, const KeyRange& keys, int first, int own_keys) {
   if (first >= p.seqlen_q) return keys.begin;
-  return max(keys.begin, min(keys.end, key_tiles_reached<kBlockN>(p, first, kRowsPerConsumer)));
+  return max(keys.begin, min(keys.end, ceil_div(own_keys, kBlockN)));
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -471,8 +470,8 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     if (index >= w.tiles) break;
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<kBlockN>(p, w, t);
-    const int own_end = own_key_end<kBlockN>(p, keys, t.row + first_row);
-    const int own_keys = visible_keys(p, min(p.seqlen_q, t.row + first_row + kRowsPerConsumer) - 1);
+    const int own_keys = keys_seen(p, t.row + first_row, kRowsPerConsumer);
+    const int own_end = own_key_end<kBlockN>(p, keys, t.row + first_row, own_keys);
     // Key tiles at or past this index hold keys some of the consumer's rows must not see.
     const int first_masked = visible_keys(p, t.row + first_row) / kBlockN;
     int limit[2];
