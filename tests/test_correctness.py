@@ -91,6 +91,25 @@ def test_query_rows_ending_inside_a_tile(rung, causal, dim):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("dim, heads, seqlens", [(64, 8, (512, 512)), (64, 16, (512, 512)),
+                                                 (128, 8, (512, 512)), (128, 8, (500, 200)),
+                                                 (64, 3, (1000, 100)), (64, 8, (512, 1800))],
+                         ids=["d64-h8", "d64-h16", "d128-h8", "d128-h8-sk200", "d64-h3-sk100",
+                              "d64-h8-sk1800"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_launches_leaving_most_sms_idle(rung, dim, heads, seqlens, causal):
+    """Too few tiles for the GPU's 132 SMs (one batch). Where even 64-row tiles would leave over
+    half of them idle, `hopper` runs the kernels with one query row per thread: each consumer's
+    64-row wgmma carries 32 query rows (the rest padding) so twice the CTAs share the work:
+    32-row tiles whose two consumers split the keys (D=64: 8 heads × 512 rows, 1800 keys; D=128
+    over 2 key tiles: 200 keys, 500 rows ending inside a tile), or 64-row tiles, 32 rows per
+    consumer (D=128 over 4 key tiles; D=64 over one ragged key tile). 16 heads × 512
+    rows fill 128 SMs with 64-row tiles, whose consumers split the keys with two rows each."""
+    q, k, v = make_qkv(1, heads, heads, *seqlens, dim, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("seqlens", [(256, 192), (256, 193), (300, 364), (300, 365)],
                          ids=lambda s: f"sq{s[0]}-sk{s[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

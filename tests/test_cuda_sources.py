@@ -66,7 +66,7 @@ def sass_by_kernel(obj: Path) -> dict[str, str]:
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.skipif(jit.cuobjdump() is None, reason="cuobjdump not found (CUDA or Triton)")
 def test_hopper_kernel_machine_code(tmp_path):
-    """Per instantiation (head dim, consumers, keys per tile): warpgroup MMAs (HGMMA) of the
+    """Per instantiation (head dim, consumers, keys per tile, rows per thread): warpgroup MMAs (HGMMA) of the
     designed shapes for both GEMMs, no local memory at all, the register cap of 1 CTA at entry,
     then setmaxnreg moving registers from the producer warpgroup to the consumers: two
     consumers (384 threads) 168 → 40 / 232, three (512 threads, D=64 and 128) 128 → 32 / 160. And
@@ -81,13 +81,13 @@ def test_hopper_kernel_machine_code(tmp_path):
     registers = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers",
                                 report, flags=re.S))
     sass = sass_by_kernel(obj)
-    shape = re.compile(r"ConfigI\w+?Li(\d+)ELi(\d)ELi(\d+)E")
+    shape = re.compile(r"ConfigI\w+?Li(\d+)ELi(\d)ELi(\d+)ELi(\d)E")
     kinds = sorted(shape.search(kernel).groups() for kernel in sass)
     expected = [tuple(map(str, kernel)) for kernel in HOPPER_KERNELS]
     assert kinds == sorted(expected * 2), f"expected fp16/bf16 × {expected}, got {list(sass)}"
     budgets = {"2": ("168", 0x28, 0xE8), "3": ("128", 0x20, 0xA0)}  # entry, producer, consumers
     for kernel, code in sass.items():
-        dim, consumers, keys = shape.search(kernel).groups()
+        dim, consumers, keys, _ = shape.search(kernel).groups()
         entry, producer, consumer = budgets[consumers]
         assert re.search(rf"HGMMA\.64x{keys}x16\.F32", code), f"{kernel}: no Q·Kᵀ wgmma"
         assert re.search(rf"HGMMA\.64x{dim}x16\.F32", code), f"{kernel}: no P·V wgmma"

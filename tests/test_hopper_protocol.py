@@ -88,6 +88,7 @@ class Kernel:
     dim: int
     consumers: int
     keys: int
+    thread_rows: int  # one: each consumer carries 32 query rows; the same protocol, no splits
 
     @property
     def stages(self) -> int:
@@ -276,7 +277,8 @@ def launches(kernel: Kernel, mode: str, rng: random.Random) -> list[list[tuple[i
 
 
 def modes(kernel: Kernel) -> list[str]:
-    few = ["shared", "split", "shared+split"] if kernel.few_tile_modes else []
+    splits = ["split", "shared+split"] if kernel.thread_rows == 2 else []
+    few = ["shared", *splits] if kernel.few_tile_modes else []
     return ["persistent", *few]
 
 
@@ -284,7 +286,7 @@ CASES = [(Kernel(*k), mode) for k in HOPPER_KERNELS for mode in modes(Kernel(*k)
 
 
 @pytest.mark.parametrize("kernel, mode", CASES,
-                         ids=[f"d{k.dim}-{k.consumers}c-n{k.keys}-{mode}" for k, mode in CASES])
+                         ids=[f"d{k.dim}-{k.consumers}c-n{k.keys}-r{k.thread_rows}-{mode}" for k, mode in CASES])
 def test_no_interleaving_deadlocks(kernel, mode):
     rng = random.Random(f"{kernel}{mode}")
     for trial in range(50):

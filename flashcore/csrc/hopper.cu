@@ -32,6 +32,9 @@
 //     through shared memory. Many keys too: a cluster of 2–8 CTAs per tile, each taking a share
 //     (≥ 4) of the key tiles; their unnormalised (O, max, sum) rows meet through distributed
 //     shared memory and are merged in the same kernel (no second launch, no memset).
+//     Fewer still (over half the SMs idle, no split): kernels with one query row per thread,
+//     each consumer's 64-row wgmma carrying 32 query rows (Q's 8-row groups read 512 bytes
+//     apart, every other one padding), so twice the CTAs share the softmax (mission −15 to −20%).
 //   - Programmatic dependent launch: the next kernel in the stream may launch once every CTA
 //     has set up its barriers, and each thread waits for the previous kernel before touching
 //     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs);
@@ -52,17 +55,18 @@
 // or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
 // buffer, so shorter launches lose more to each tile's wait for its store and next Q); D=256
 // with 80-key tiles (its 64×256 output takes 128 registers; 80 keys measured 6–9% over 64) and
-// one Q buffer, without the few-tile modes (they spilled).
+// one Q buffer, without the few-tile modes (they spilled). The two-consumer 128-key kernels at
+// D=64 and 128 also come with one query row per thread, for launches that leave most SMs idle.
 // Head dims 32–256 in steps of 8 run the next larger kernel; TMA fills the columns past the
 // head dim with zeros on loads and clips them on the output store, so the padding costs MMA
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 03:07, cuDNN in the same run): forward 0.96–1.27× cuDNN
-// over the BENCH grid (D=64 non-causal 382–515 TFLOP/s, D=128 464–632), ≥ 1.0× at 20 and 22 of
+// Measured (H100, two sweeps 2026-11-26 04:27, cuDNN in the same run): forward 0.965–1.21× cuDNN
+// over the BENCH grid (D=64 non-causal 386–516 TFLOP/s, D=128 474–637), ≥ 1.0× at 22 and 20 of
 // 24 points (below in both: D=128 non-causal S=512, where each tile's first Q·Kᵀ, last P·V and
 // epilogue stand alone; 18–23 in the previous builds' sweeps); D=256 0.82–1.06× (run 16:29);
-// mission shape 4.8 / 5.1 µs against cuDNN's 9.1 / 9.4 (what bounds it: docs/notes.md); few-tile
+// mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it: docs/notes.md); few-tile
 // long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul
 // rate (~710 TFLOP/s).
 // History: docs/notes.md.
@@ -79,20 +83,25 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kRowsPerConsumer = 64;           // the M of one wgmma
+constexpr int kMmaM = 64;                      // the M of one wgmma: a consumer's rows of Q
 constexpr int kMmaK = 16;                      // the K of one 16-bit wgmma
 constexpr int kMaxSplits = 8;                  // CTAs of a split-KV cluster (portable maximum)
 constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split keeps, at least
 constexpr int kSharedMemoryBytes = 227 * 1024;  // an H100 SM's shared memory per block
 
 // One kernel: element type, head dim (64, 128 or 256), consumer warpgroups (2, or 3 at D=64
-// when the tiles fill the GPU: more warps to hide each one's softmax latency) and keys per K/V
-// tile (128; 176 at D=128 over long keys; 80 at D=256, where the output takes 128 registers).
-template <typename T_, int kHeadDim_, int kConsumers_, int kBlockN_>
+// when the tiles fill the GPU: more warps to hide each one's softmax latency), keys per K/V
+// tile (128; 176 at D=128 over long keys; 80 at D=256, where the output takes 128 registers)
+// and query rows per thread: each thread holds two rows of its consumer's 64-row accumulators,
+// or, in the kernels for launches that leave most SMs idle, one: the other is padding, so a
+// consumer carries 32 query rows and twice the CTAs share the softmax.
+template <typename T_, int kHeadDim_, int kConsumers_, int kBlockN_, int kThreadRows_ = 2>
 struct Config {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_, kConsumers = kConsumers_, kBlockN = kBlockN_;
-  static constexpr int kBlockM = kConsumers * kRowsPerConsumer;
+  static constexpr int kThreadRows = kThreadRows_;
+  static constexpr int kConsumerRows = kThreadRows * kMmaM / 2;  // query rows per consumer
+  static constexpr int kBlockM = kConsumers * kConsumerRows;       // query rows per tile
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
   // Registers per thread after setmaxnreg. Warpgroups trade registers only within what the CTA
   // was launched with, its threads times the cap at entry (64K / threads, down to a multiple of
@@ -107,12 +116,14 @@ struct Config {
   // holds them, else one. The output is staged in a buffer of its own where that fits too,
   // else in each consumer's own rows of the tile's Q, which then goes back only once the output
   // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers.
-  static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
+  static constexpr int kQBytes = kConsumers * kMmaM * kHeadDim * sizeof(T);  // a Q buffer
   static constexpr int kKVBytes = 2 * kStages * kBlockN * kHeadDim * sizeof(T);
   static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
   static constexpr bool kOwnOutput = (kQBuffers + 1) * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes;
-  // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128).
+  // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128; no
+  // splits with one row per thread, which is for launches too short to split).
   static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
+  static constexpr bool kSplitKeys = kFewTileModes && kThreadRows == 2;
   static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
   static constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
   // Three consumers at D=128: O, S and P do not fit side by side in 160 registers, so a turn
@@ -130,10 +141,13 @@ struct SharedStorage {
   using T = typename C::T;
   static constexpr int kChunks = C::kChunks, kStages = C::kStages, kQBuffers = C::kQBuffers;
   static constexpr bool kOwnOutput = C::kOwnOutput;  // output staging of its own, or in Q
-  T q[kQBuffers][kChunks][C::kBlockM * kChunkElems];
+  // Q: the tile's rows one after another. With one row per thread, each consumer's wgmma reads
+  // its 8-row groups 512 bytes apart (issue_qk), so every other group, the padding, overlaps
+  // the next rows, and the last one up to 512 bytes past them: still in this buffer.
+  T q[kQBuffers][kChunks][C::kConsumers * kMmaM * kChunkElems];
   T k[kStages][kChunks][C::kBlockN * kChunkElems];
   T v[kStages][kChunks][C::kBlockN * kChunkElems];
-  std::conditional_t<kOwnOutput, T[C::kConsumers][kChunks][kRowsPerConsumer * kChunkElems], char> o;
+  std::conditional_t<kOwnOutput, T[C::kConsumers][kChunks][C::kConsumerRows * kChunkElems], char> o;
   int tile[kQBuffers];  // the tile whose Q is in each buffer, published with q_full
   uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
@@ -151,9 +165,9 @@ struct SharedStorage {
                 sizeof(Fragments) <= sizeof(k) + sizeof(v), "split-key results must fit");
   __device__ Partial& partial() { return *reinterpret_cast<Partial*>(q); }
   __device__ Fragments& fragments() { return *reinterpret_cast<Fragments*>(k); }
-  // Chunk c of the output staging of the 64 rows from `first_row` of Q buffer qb's tile.
+  // Chunk c of the output staging of a consumer's rows from `first_row` of Q buffer qb's tile.
   __device__ T* output(int qb, int first_row, int c) {
-    if constexpr (kOwnOutput) return o[first_row / kRowsPerConsumer][c];
+    if constexpr (kOwnOutput) return o[first_row / C::kConsumerRows][c];
     else return &q[qb][c][first_row * kChunkElems];
   }
 };
@@ -170,7 +184,7 @@ struct TensorMaps {
 struct Schedule {
   int tiles, m_blocks;
   FastDiv by_m_blocks, by_heads, by_group;  // m_blocks, heads_q, heads_q / heads_kv
-  int tile_rows;                    // kBlockM, or kRowsPerConsumer when the consumers share rows
+  int tile_rows;                    // kBlockM, or kConsumerRows when the consumers share rows
   int splits_log2;                  // CTAs per tile (a cluster): 1 << splits_log2, 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
   FastDiv by_section_tiles, by_section_heads;  // section_heads · m_blocks, section_heads
@@ -178,10 +192,10 @@ struct Schedule {
 };
 // The few-tile modes (compiled out of the kernels without them).
 template <class C> __device__ __forceinline__ bool shares_rows(const Schedule& w) {
-  return C::kFewTileModes && w.tile_rows < 2 * kRowsPerConsumer;
+  return C::kFewTileModes && w.tile_rows < C::kBlockM;
 }
 template <class C> __device__ __forceinline__ bool splits_keys(const Schedule& w) {
-  return C::kFewTileModes && w.splits_log2 > 0;
+  return C::kSplitKeys && w.splits_log2 > 0;
 }
 // The tile a CTA (a cluster, in split-KV) takes in `round` of a static schedule: rounds
 // alternate direction, so a CTA that took one of a round's longest tiles takes one of the
@@ -319,14 +333,18 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
 
 // ---- consumer pieces: one thread's share of a warpgroup's 64-row fragments ----------------
 // Accumulator entry 4t + 2i + j of a thread sits at row `row + 8i` of the consumer's 64 and
-// column 8t + `col` + j (hopper_ptx.cuh); i picks one of the thread's two rows.
+// column 8t + `col` + j (hopper_ptx.cuh); i picks one of the thread's two rows, and only
+// i < kThreadRows are query rows (the others, with one row per thread, padding).
 
-// S = Q·Kᵀ for the consumer's 64 rows and the stage's first 2 · kScoreRegs keys; asynchronous
-// (committed).
+// S = Q·Kᵀ for the consumer's rows from `first_row` and the stage's first 2 · kScoreRegs keys;
+// asynchronous (committed). The wgmma's 64 rows are 8 groups of 8 (a warp's 16: two), each a
+// 1 KB swizzle atom of Q; with one row per thread the groups are read 512 bytes apart, so the
+// even ones are the query rows' atoms and the odd ones, padding, straddle two of them.
 template <class C, int kScoreRegs>
 __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<C>& s, int qb,
                                          int stage, int first_row) {
-  const uint64_t q = smem_desc(&s.q[qb][0][first_row * kChunkElems], 16, kSwizzleAtomBytes);
+  constexpr uint32_t kGroupBytes = kSwizzleAtomBytes * C::kThreadRows / 2;
+  const uint64_t q = smem_desc(&s.q[qb][0][first_row * kChunkElems], 16, kGroupBytes);
   const uint64_t k = smem_desc(&s.k[stage][0][0], 16, kSwizzleAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < C::kHeadDim / kMmaK; ++kk) {
@@ -353,28 +371,29 @@ __device__ __forceinline__ void issue_pv(float (&o)[C::kHeadDim / 2], const uint
 // Online softmax of one score tile, in place: masks keys at or past each row's limit (tiles
 // that hold such keys only), raises the running maxima, and turns scores into unnormalised
 // probabilities exp2(s·scale·log2e − max). Returns each row's correction for the output.
-template <int kScoreRegs>
+// Only the thread's first kRows rows (the query rows).
+template <int kRows, int kScoreRegs>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoftmax (&row)[2],
                                              float (&correction)[2], bool masked, int first_key,
                                              const int (&limit)[2], float scale_log2) {
   if (masked) {
 #pragma unroll
     for (int r = 0; r < kScoreRegs; ++r)
-      if (first_key + (r / 4) * 8 + r % 2 >= limit[(r / 2) % 2]) sc[r] = -INFINITY;
+      if ((r / 2) % 2 < kRows && first_key + (r / 4) * 8 + r % 2 >= limit[(r / 2) % 2]) sc[r] = -INFINITY;
   }
   // Short dependency chains (4 partial maxima and 2 partial sums per row, both rows at once):
   // a warp's softmax is latency-bound, with one other consumer warp per scheduler to hide it.
   constexpr int kPairs = kScoreRegs / 4;  // a thread's (two-column) pairs in each of its rows
   float mx[2][4], shift[2], sum[2][2] = {};
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < kRows; ++i)
 #pragma unroll
     for (int t = 0; t < kPairs; ++t) {
       const float m = fmaxf(sc[4 * t + 2 * i], sc[4 * t + 2 * i + 1]);
       mx[i][t % 4] = t < 4 ? m : fmaxf(mx[i][t % 4], m);
     }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kRows; ++i) {
     const float m = quad_max(fmaxf(fmaxf(mx[i][0], mx[i][1]), fmaxf(mx[i][2], mx[i][3]))) * scale_log2;
     correction[i] = row[i].rescale(m);
     shift[i] = row[i].shift();
@@ -382,31 +401,34 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
 #pragma unroll
   for (int t = 0; t < kPairs; ++t)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {  // register 4t + r: row i = r / 2
+    for (int r = 0; r < 2 * kRows; ++r) {  // register 4t + r: row i = r / 2
       float& x = sc[4 * t + r];
       x = fast_exp2(fmaf(x, scale_log2, -shift[r / 2]));
       sum[r / 2][t % 2] += x;
     }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
+  for (int i = 0; i < kRows; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
 }
 
 // P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles;
-// P·V's K steps past the scores (keys not computed) get zeros.
-template <typename T, int kScoreRegs, int kPSteps>
+// P·V's K steps past the scores (keys not computed) and the padding rows get zeros. (Register j
+// of a K step holds row i = j % 2.)
+template <typename T, int kRows, int kScoreRegs, int kPSteps>
 __device__ __forceinline__ void to_operand(const float (&sc)[kScoreRegs], uint32_t (&pa)[kPSteps][4]) {
   static_assert(kScoreRegs / 8 <= kPSteps);
 #pragma unroll
   for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      pa[kk][j] = kk < kScoreRegs / 8 ? pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]) : 0u;
+      pa[kk][j] = kk < kScoreRegs / 8 && j % 2 < kRows ? pack2(T{}, sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]) : 0u;
 }
 
-template <int kRegs>
+// The thread's query rows of the output times their factors (padding rows are left as they are).
+template <int kRows, int kRegs>
 __device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&factor)[2]) {
 #pragma unroll
-  for (int r = 0; r < kRegs; ++r) o[r] *= factor[(r / 2) % 2];
+  for (int r = 0; r < kRegs; ++r)
+    if ((r / 2) % 2 < kRows) o[r] *= factor[(r / 2) % 2];
 }
 
 // Ping-pong: the consumers take turns issuing their GEMMs (hardware barriers kTurn + c), so
@@ -445,13 +467,15 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
   using Smem = SharedStorage<C>;
   using T = typename C::T;
   constexpr int kHeadDim = C::kHeadDim, kConsumers = C::kConsumers, kBlockN = C::kBlockN;
+  constexpr int kRows = C::kThreadRows;
   const int thread = threadIdx.x % kWarpgroupThreads;
   const int warp = thread / 32, lane = thread % 32;
-  // Rows: this consumer's 64 of the tile, or all 64 when the consumers share them (and take
-  // every other key tile: consumer c the c-th from the end, then every kConsumers-th).
+  // Rows: this consumer's kConsumerRows of the tile, or all of them when the consumers share
+  // them (and take every other key tile: consumer c the c-th from the end, then every
+  // kConsumers-th).
   const bool shared = shares_rows<C>(w);
-  const int first_row = shared ? 0 : consumer * kRowsPerConsumer;
-  const int row_in_tile = first_row + warp * 16 + lane / 4;  // i = 0
+  const int first_row = shared ? 0 : consumer * C::kConsumerRows;
+  const int row_in_tile = first_row + warp * 8 * kRows + lane / 4;  // the thread's row i = 0
   const int col = 2 * (lane % 4);
   const int step = shared ? kConsumers : 1, skip = shared ? consumer : 0;
   const int own_barrier = 1 + consumer, next_turn = next_turn_barrier<kConsumers>(consumer);
@@ -470,13 +494,13 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     if (index >= w.tiles) break;
     const Tile t = tile_at(p, w, index);
     const KeyRange keys = key_range<kBlockN>(p, w, t);
-    const int own_keys = keys_seen(p, t.row + first_row, kRowsPerConsumer);
+    const int own_keys = keys_seen(p, t.row + first_row, C::kConsumerRows);
     const int own_end = own_key_end<kBlockN>(p, keys, t.row + first_row, own_keys);
     // Key tiles at or past this index hold keys some of the consumer's rows must not see.
     const int first_masked = visible_keys(p, t.row + first_row) / kBlockN;
     int limit[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
+    for (int i = 0; i < kRows; ++i) limit[i] = visible_keys(p, t.row + row_in_tile + 8 * i);
     if (round == 0) {
       wait_for_previous_grid();  // before the epilogue's stores, the consumers' first global access
       mbar_wait(&s.q_full[qb], ring_phase(0, Smem::kQBuffers));
@@ -541,8 +565,8 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         wgmma_wait<0>();
         fence_registers(scores);
         release_k();
-        softmax_tile(scores, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
-        to_operand<T>(scores, pa);
+        softmax_tile<kRows>(scores, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        to_operand<T, kRows>(scores, pa);
       };
       if (!(C::kHalfFirst && own_keys - n * kBlockN <= kBlockN / 2)) {
         prologue(sc);
@@ -560,7 +584,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         wait_turn<kConsumers>(consumer);
         if constexpr (C::kPvBeforeS) {
           mbar_wait(&s.v_full[pv_stage], ring_phase(pv_kv, Smem::kStages));
-          scale_rows(o, correction);
+          scale_rows<kRows>(o, correction);
           fence_registers(o);
           wgmma_fence();
           issue_pv(o, pa, s, pv_stage);
@@ -578,17 +602,17 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         wgmma_wait<C::kPvBeforeS ? 0 : 1>();  // S done (two consumers: P·V may still run)
         fence_registers(sc);
         release_k();
-        softmax_tile(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        softmax_tile<kRows>(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
         if constexpr (!C::kPvBeforeS) {
           finish_pv(pv_stage);
-          scale_rows(o, correction);
+          scale_rows<kRows>(o, correction);
         }
-        to_operand<T>(sc, pa);
+        to_operand<T, kRows>(sc, pa);
       }
       // Epilogue of the loop: P·V of the last key tile.
       wait_turn<kConsumers>(consumer);
       mbar_wait(&s.v_full[stage], ring_phase(kv, Smem::kStages));
-      if constexpr (C::kPvBeforeS) scale_rows(o, correction);
+      if constexpr (C::kPvBeforeS) scale_rows<kRows>(o, correction);
       fence_registers(o);
       wgmma_fence();
       issue_pv(o, pa, s, stage);
@@ -611,15 +635,17 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     }
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i) row[i].sum = quad_sum(row[i].sum);
+    for (int i = 0; i < kRows; ++i) row[i].sum = quad_sum(row[i].sum);
     if (shared) {  // consumer 1's results join consumer 0's, register by register
+      // Fragment f of the query rows' output registers: register 4t + 2i + j, f = 2(kRows·t + i) + j.
       auto& frag = s.fragments();
       named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);  // both are done with K/V
       if (consumer == 1) {
 #pragma unroll
-        for (int r = 0; r < kHeadDim / 2; ++r) frag[r][thread] = o[r];
+        for (int r = 0; r < kHeadDim / 2; ++r)
+          if ((r / 2) % 2 < kRows) frag[r / 4 * 2 * kRows + r % 4][thread] = o[r];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < kRows; ++i) {
           frag[kHeadDim / 2 + i][thread] = row[i].max;
           frag[kHeadDim / 2 + 2 + i][thread] = row[i].sum;
         }
@@ -628,11 +654,12 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       if (consumer == 0) {
         float mine[2], theirs[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < kRows; ++i)
           row[i].merge({frag[kHeadDim / 2 + i][thread], frag[kHeadDim / 2 + 2 + i][thread]}, mine[i], theirs[i]);
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r)
-          o[r] = o[r] * mine[(r / 2) % 2] + frag[r][thread] * theirs[(r / 2) % 2];
+          if ((r / 2) % 2 < kRows)
+            o[r] = o[r] * mine[(r / 2) % 2] + frag[r / 4 * 2 * kRows + r % 4][thread] * theirs[(r / 2) % 2];
       }
     }
     if (splits_keys<C>(w)) {  // cluster: send each row's result to the CTA merging it
@@ -642,7 +669,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         auto& part = s.partial();
         const int rows = w.tile_rows >> w.splits_log2, rank = split_rank(w);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < kRows; ++i) {
           const int r = row_in_tile + 8 * i, owner = r / rows, slot = rank * rows + r % rows;
 #pragma unroll
           for (int t = 0; t < kHeadDim / 8; ++t)
@@ -663,14 +690,15 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     // Epilogue: O / sum → swizzled shared memory → TMA store; LSE from the quad leaders.
     float out_scale[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) out_scale[i] = row[i].output_scale();
+    for (int i = 0; i < kRows; ++i) out_scale[i] = row[i].output_scale();
     if (thread == 0) tma_store_wait_read();  // the previous tile's store has read its buffer
     named_barrier_sync(own_barrier, kWarpgroupThreads);
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; r += 2) {
       const int i = (r / 2) % 2, c = (r / 4) * 8 + col;
+      if (i >= kRows) continue;
       char* chunk = reinterpret_cast<char*>(s.output(qb, first_row, c / kChunkElems));
-      *reinterpret_cast<uint32_t*>(chunk + swizzled_offset(warp * 16 + lane / 4 + 8 * i, c % kChunkElems)) =
+      *reinterpret_cast<uint32_t*>(chunk + swizzled_offset(warp * 8 * kRows + lane / 4 + 8 * i, c % kChunkElems)) =
           pack2(T{}, o[r] * out_scale[i], o[r + 1] * out_scale[i]);
     }
     fence_async_shared();
@@ -684,7 +712,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     release_q_late();
     if (p.lse && lane % 4 == 0) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kRows; ++i) {
         const int q_row = t.row + row_in_tile + 8 * i;
         if (q_row < p.seqlen_q)
           p.lse[lse_index(p, t, q_row)] = row[i].lse();
@@ -878,15 +906,15 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   constexpr int kConsumers = C::kConsumers, kStages = C::kStages;
   const bool shared = C::kFewTileModes && (kStages >= 2 * kConsumers || key_tiles <= kStages) &&
                       key_tiles >= kConsumers &&
-                      heads * ceil_div(p.seqlen_q, kRowsPerConsumer) <= sms;
-  w.tile_rows = shared ? kRowsPerConsumer : C::kBlockM;
+                      heads * ceil_div(p.seqlen_q, C::kConsumerRows) <= sms;
+  w.tile_rows = shared ? C::kConsumerRows : C::kBlockM;
   w.m_blocks = ceil_div(p.seqlen_q, w.tile_rows);
   w.by_m_blocks = FastDiv(w.m_blocks);
   w.by_heads = FastDiv(p.heads_q);
   w.by_group = FastDiv(p.heads_q / p.heads_kv);
   w.tiles = heads * w.m_blocks;
   const int sharing = shared ? kConsumers : 1;
-  for (int log2 = 1; C::kFewTileModes && (1 << log2) <= kMaxSplits &&
+  for (int log2 = 1; C::kSplitKeys && (1 << log2) <= kMaxSplits &&
                      key_tiles >= (sharing << log2) * kMinSplitKeyTiles;
        ++log2)
     if (w.tiles <= max_active_clusters<C>(1 << log2, smem_bytes, device)) w.splits_log2 = log2;
@@ -921,13 +949,21 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   if (status != cudaSuccess) return status;
 
   auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes);
-  TensorMaps maps;  // Q in boxes of a tile's rows (64 where the consumers share them)
+  // A launch that leaves over half the SMs idle without splitting keys runs on the kernel with
+  // one query row per thread: twice the CTAs, each thread with half the softmax (mission shape
+  // −15 to −20%). Not the 176-key kernel (it runs over > 4k keys, where such launches split),
+  // nor head dims below 64 (the D=64 kernel on zero-padded columns), where it measured +5 to
+  // +29% at 8 heads × 512 rows (D = 32–56; docs/notes.md has the suspect, the padded loads).
+  if constexpr (C::kSplitKeys && C::kBlockN == 128)
+    if (w.splits_log2 == 0 && 2 * ctas <= sms && (C::kHeadDim > 64 || p.head_dim == 64))
+      return launch<Config<typename C::T, C::kHeadDim, C::kConsumers, C::kBlockN, 1>>(p, stream, device, sms);
+  TensorMaps maps;  // Q in boxes of a tile's rows (kConsumerRows where the consumers share them)
   const bool ok =
       make_map(&maps.q, p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_stride, w.tile_rows) &&
       make_map(&maps.k, p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_stride, C::kBlockN) &&
       make_map(&maps.v, p.v, p.dtype, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_stride, C::kBlockN) &&
       make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
-               kRowsPerConsumer);
+               C::kConsumerRows);
   if (!ok) return cudaErrorInvalidValue;
   // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
   if (dynamic) {
@@ -965,7 +1001,7 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   // Three consumers (192-row tiles) once those tiles fill the GPU: at D=64 (+7–25%; causal under
   // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=128
   // from 2k keys (+3–10% at 2k–8k; at 1k −3 to +1%, at 512 the 192-row tiles' padding loses).
-  const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kRowsPerConsumer) >= sms &&
+  const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kMmaM) >= sms &&
                      (kernel_dims.head_dim == 64 ||
                       (kernel_dims.head_dim == 128 && !wide && p.seqlen_k >= 2048));
   return dispatch<64, 128, 256>(kernel_dims, [&](auto tag) {
