@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from . import jit
-from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
+from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend, CudaRung
 
 _NAMES = "(batch, heads, seq, head_dim)"
 _choices: dict[tuple, Backend] = {}
+# Per backend name, the C++ entry of the CUDA rung it ran on: the common call whole, None for
+# any other (CudaRung.fast_path). Set once a call has taken the Python path to that rung.
+_fast: dict[str, object] = {}
 
 
 def attention(
@@ -50,6 +53,11 @@ def attention(
             runs. A rung named explicitly that cannot take the inputs raises ValueError saying
             why.
     """
+    fast = _fast.get(backend)
+    if fast is not None and not torch.compiler.is_compiling():
+        result = fast(q, k, v, causal, scale, return_lse)
+        if result is not None:
+            return result
     key = _common_call_key(q, k, v, causal, scale, return_lse, backend)
     if key is None:  # an unusual call, a wrong one (named errors), or one torch.compile traces
         _check_inputs_in_detail(q, k, v, causal, scale, return_lse, backend)
@@ -59,6 +67,11 @@ def attention(
     chosen = _select(key, backend, q, k, v, causal, needs_grad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = chosen.forward(q, k, v, scale, causal, return_lse, needs_grad)
+    # Later common calls of this backend go to the rung's C++ entry; for "auto" only if nothing
+    # precedes the rung in the order (a call it takes is then a call auto gives it).
+    if (key is not None and not needs_grad and isinstance(chosen, CudaRung)
+            and (backend != "auto" or chosen is AUTO_ORDER[0])):
+        _fast[backend] = chosen.fast_path(q.device)
     return (out, lse) if return_lse else out
 
 

@@ -253,14 +253,17 @@ def test_auto_picks_the_fastest_rung_that_fits():
 
 @pytest.mark.parametrize("rung", [r.name for r in flashcore.ladder() if isinstance(r, flashcore.backends.CudaRung)])
 def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(rung, monkeypatch):
-    """A CUDA rung's eager call on plain tensors runs the op's C++ function directly; under a
-    dispatch mode the op itself runs, where the mode sees it. Both give the same bits."""
+    """A CUDA rung's first eager call on plain tensors runs the op's C++ function directly and
+    enables the rung's C++ entry for the whole common call, which later calls take (no Python
+    past the entry's lookup); under a dispatch mode the op itself runs, where the mode sees it.
+    All three give the same bits."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device="cuda")
     backend = flashcore.backends.BACKENDS[rung]
     if backend.why_not(q, k, v) is not None:
         pytest.skip(backend.why_not(q, k, v))
+    monkeypatch.setattr(flashcore.api, "_fast", {})
     direct, direct_calls, seen = backend.direct, [], []
     monkeypatch.setattr(backend, "direct", lambda *args: direct_calls.append(1) or direct(*args))
 
@@ -270,11 +273,49 @@ def test_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_op(rung, mon
             return func(*args, **(kwargs or {}))
 
     plain = flashcore.attention(q, k, v, backend=rung)
-    assert direct_calls == [1]
+    assert direct_calls == [1] and rung in flashcore.api._fast
+    again = flashcore.attention(q, k, v, backend=rung)
+    assert direct_calls == [1] and torch.equal(plain, again)
     with Record():
         recorded = flashcore.attention(q, k, v, backend=rung)
     assert direct_calls == [1] and f"flashcore.{rung}_fwd.default" in seen
     assert torch.equal(plain, recorded)
+
+
+@pytest.mark.skipif(not HOPPER, reason="auto takes hopper on sm_90 only")
+def test_the_fast_entry_takes_only_calls_the_python_path_gives_its_rung(monkeypatch):
+    """After a call, `auto` and `hopper` hand common calls to the rung's C++ entry whole. It
+    runs exactly the calls the Python path would give hopper unchanged, with the same bits, and
+    answers None for every other, which then takes the Python path (named errors included)."""
+    monkeypatch.setattr(flashcore.api, "_fast", {})
+    q, k, v = make_qkv(1, 4, 2, 100, 130, 64, dtype=torch.bfloat16, device="cuda")
+    out, lse = flashcore.attention(q, k, v, causal=True, return_lse=True)
+    fast = flashcore.api._fast["auto"]
+    again, again_lse = fast(q, k, v, True, None, True)
+    assert torch.equal(out, again) and torch.equal(lse, again_lse)
+    assert torch.equal(fast(q, k, v, False, 0.3, False),
+                       flashcore.backends.BACKENDS["hopper"].direct(q, k, v, 0.3, False, False)[0])
+    unaligned = torch.randn(1, 4, 100, 65, dtype=torch.bfloat16, device="cuda")[..., 1:]
+    others = {
+        "float32": (q.float(), k.float(), v.float(), False, None, False),
+        "head dim 24": (q[..., :24], k[..., :24], v[..., :24], False, None, False),
+        "heads not dividing": (q[:, :3], k, v, False, None, False),
+        "k and v shapes differ": (q, k, v[:, :, :64], False, None, False),
+        "unaligned rows": (unaligned, k, v, False, None, False),
+        "a Parameter": (torch.nn.Parameter(q), k, v, False, None, False),
+        "causal an int": (q, k, v, 1, None, False),
+        "scale an int": (q, k, v, False, 1, False),
+        "3-D": (q[0], k[0], v[0], False, None, False),
+    }
+    for name, call in others.items():
+        assert fast(*call) is None, name
+    needs_grad = q.detach().requires_grad_()
+    assert fast(needs_grad, k, v, False, None, False) is None
+    with torch.no_grad():
+        assert fast(needs_grad, k, v, False, None, False) is not None
+    with pytest.raises(ValueError, match="head dim"):
+        flashcore.attention(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(),
+                            backend="hopper")
 
 
 def test_seed_build_form():

@@ -10,13 +10,19 @@
 // go through the op.
 //
 // flashcore.attention validates arguments with user-facing messages before calling this; the
-// checks here only guard memory safety for direct calls of the op.
+// checks here only guard memory safety for direct calls of the op. Once a call has run on this
+// rung, the module's `fast_forward` takes the common call whole (flashcore.api): it checks here,
+// in C++, that the call is one the Python path would hand this rung unchanged, and answers None
+// for any other, which then takes that path.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <bitset>
 #include <cmath>
 
 #include "attention.h"
@@ -96,6 +102,59 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   return {out, lse};
 }
 
+// What the rung takes (backends.CudaRung.why_not), as flashcore.api enables the fast path:
+// head dims, whether rows must be 16-byte aligned, and the devices it has run on.
+struct Accepts {
+  std::bitset<513> head_dims;
+  bool rows_16b = true;
+  std::bitset<64> devices;
+};
+Accepts accepts;
+
+void allow_fast_path(const std::vector<int>& head_dims, bool rows_16b, int device) {
+  for (int d : head_dims) accepts.head_dims.set(d);
+  accepts.rows_16b = rows_16b;
+  accepts.devices.set(device);
+}
+
+// The common call (flashcore.api._common_call_key) that this rung takes without gradients, on
+// plain tensors with no dispatch mode active: run it; anything else, None.
+py::object fast_forward(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle causal,
+                        py::handle scale, py::handle return_lse) {
+  const py::object other = py::none();
+  if (!THPVariable_CheckExact(q_obj.ptr()) || !THPVariable_CheckExact(k_obj.ptr()) ||
+      !THPVariable_CheckExact(v_obj.ptr()) || !PyBool_Check(causal.ptr()) ||
+      !PyBool_Check(return_lse.ptr()) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr())) ||
+      c10::impl::TorchDispatchModeTLS::stack_len() > 0)
+    return other;
+  const at::Tensor& q = THPVariable_Unpack(q_obj.ptr());
+  const at::Tensor& k = THPVariable_Unpack(k_obj.ptr());
+  const at::Tensor& v = THPVariable_Unpack(v_obj.ptr());
+  if (q.dim() != 4 || k.dim() != 4 || k.sizes() != v.sizes() || q.size(0) != k.size(0) ||
+      q.size(3) != k.size(3) || k.size(1) == 0 || q.size(1) % k.size(1) != 0 ||
+      q.size(3) > 512 || !accepts.head_dims.test(q.size(3)))
+    return other;
+  const auto type = q.scalar_type();
+  if ((type != at::kHalf && type != at::kBFloat16) || k.scalar_type() != type ||
+      v.scalar_type() != type || !q.is_cuda() || k.device() != q.device() ||
+      v.device() != q.device() || q.device().index() >= 64 || !accepts.devices.test(q.device().index()))
+    return other;
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()))
+    return other;
+  int64_t low_bits = 0;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->stride(3) != 1) return other;
+    low_bits |= reinterpret_cast<intptr_t>(t->data_ptr()) |
+                (t->stride(0) | t->stride(1) | t->stride(2)) * t->element_size();
+  }
+  if (accepts.rows_16b && (low_bits & 15)) return other;
+  const double s = scale.is_none() ? 1.0 / std::sqrt(double(q.size(3))) : PyFloat_AS_DOUBLE(scale.ptr());
+  const bool lse = return_lse.ptr() == Py_True;
+  auto [out, out_lse] = run(q, k, v, s, causal.ptr() == Py_True, lse);
+  if (lse) return py::make_tuple(out, out_lse);
+  return py::cast(out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashcore, m) {
@@ -108,4 +167,7 @@ TORCH_LIBRARY_IMPL(flashcore, CUDA, m) { m.impl(FC_OP_NAME, &forward); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &run, "The op's function without the dispatcher (LSE None unless asked for).");
+  m.def("allow_fast_path", &allow_fast_path, "Enables fast_forward for these head dims on a device.");
+  m.def("fast_forward", &fast_forward,
+        "flashcore.attention's common call on this rung, run whole; None for any other call.");
 }
