@@ -62,13 +62,13 @@
 // work only (D=96: 3/4 of the D=128 kernel's useful rate).
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 04:27, cuDNN in the same run): forward 0.965–1.21× cuDNN
-// over the BENCH grid (D=64 non-causal 386–516 TFLOP/s, D=128 474–637), ≥ 1.0× at 22 and 20 of
-// 24 points (below in both: D=128 non-causal S=512, where each tile's first Q·Kᵀ, last P·V and
-// epilogue stand alone; 18–23 in the previous builds' sweeps); D=256 0.82–1.06× (run 16:29);
-// mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it: docs/notes.md); few-tile
-// long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul
-// rate (~710 TFLOP/s).
+// Measured (H100, two sweeps 2026-11-26 04:55, cuDNN in the same run): forward 0.974–1.27× cuDNN
+// over the BENCH grid (D=64 non-causal 383–508 TFLOP/s, D=128 476–631), ≥ 1.0× at 22 and 22 of
+// 24 points (below in the full sweep: D=128 non-causal S=512 and 1k, where each tile's first
+// Q·Kᵀ, last P·V and epilogue stand alone; 18–23 in the previous builds' sweeps); D=256
+// 0.82–1.06× (run 16:29); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
+// docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
+// reaches the GPU's matmul rate (~710 TFLOP/s).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
