@@ -127,10 +127,11 @@ class CudaRung(GpuRung):
         """The op's C++ function called straight from Python (no dispatcher on the way)."""
         return jit.load(self.name).module.forward
 
+    @functools.cache
     def fast_path(self, device: torch.device):
-        """The module's fast_forward, enabled for `device`: flashcore.attention's common call
-        (plain tensors, no gradients, no dispatch mode) on inputs this rung takes, run whole in
-        C++ (checks, output, launch); None for any other call. Host time is most of a small
+        """The module's fast_forward, enabled for `device` (once): flashcore.attention's common
+        call (plain tensors, no gradients, no dispatch mode) on inputs this rung takes, run whole
+        in C++ (checks, output, launch); None for any other call. Host time is most of a small
         call: the Python checks cost more than the launch."""
         module = jit.load(self.name).module
         module.allow_fast_path(list(self.head_dims), self.needs_16b_rows, device.index)
