@@ -7,7 +7,9 @@
 // query tiles of a mission head do (or each its own). Paths: TMA bulk copies (16 KB each, all
 // issued at once by one thread, completing on an mbarrier), cp.async 16-byte copies by W warps,
 // or both, each taking a share of the bytes; then TMA through tensor maps as the hopper kernel
-// loads K and V, by box size, swizzle and L2 promotion. Each line: the median over CTAs and
+// loads K and V, by box size, swizzle and L2 promotion, and by the width of the rows under the
+// boxes (head dims below 64: columns past the row zero-filled), and such rows by cp.async from
+// one or four warps into the same swizzled layout. Each line: the median over CTAs and
 // repeats of the cycles from the first issue to the last byte landed, and bytes per cycle per SM.
 // docs/notes.md (Phase 3, "The mission's loads") has what it measured.
 #include <cudaTypedefs.h>
@@ -84,6 +86,31 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
+// Rows of `dim` 16-bit elements (row pitch dim · 2 bytes) into 128-byte shared-memory rows,
+// 128-byte swizzled as TMA would write them, by cp.async 16-byte copies from `warps` warps; the
+// columns past `dim` are zero-filled (source size 0), as TMA fills a box past a narrow row.
+__global__ void __launch_bounds__(384, 1)
+    intake_rows(const char* src, int dim, int bytes, int group, int warps, long long* cycles) {
+  extern __shared__ __align__(1024) char smem[];
+  const int rows = bytes / 128, pitch = dim * 2;
+  const char* base = src + size_t(blockIdx.x / group) * rows * pitch;
+  __syncthreads();
+  const long long start = clock64();
+  const int t = threadIdx.x;
+  if (t < warps * 32) {
+    for (int i = t; i < rows * 8; i += warps * 32) {
+      const int row = i / 8, chunk = i % 8;
+      const int real = chunk * 16 < pitch ? 16 : 0;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   ::"r"(smem_addr(smem + row * 128 + ((chunk ^ (row % 8)) * 16))),
+                   "l"(base + size_t(row) * pitch + (real ? chunk * 16 : 0)), "r"(real) : "memory");
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) cycles[blockIdx.x] = clock64() - start;
+}
+
 template <class Launch>
 void report(const char* name, int bytes, int ctas, int group, long long* cycles, Launch launch) {
   constexpr int kRepeats = 5;
@@ -157,6 +184,36 @@ int main() {
               intake_tensor<<<ctas, 384, kBytes>>>(map, kBytes, group, box_rows, cycles);
             });
       }
+  // Head dims below 64, as the D=64 kernel loads them: rows of `dim` elements in global memory,
+  // the same 64-column boxes, the columns past `dim` filled with zeros by TMA.
+  for (int dim : {64, 56, 48, 40, 32}) {
+    CUtensorMap map;
+    cuuint64_t sizes[2] = {cuuint64_t(dim), cuuint64_t(sms) * kBytes / 128}, strides[1] = {cuuint64_t(dim) * 2};
+    cuuint32_t box[2] = {64, 128}, unit[2] = {1, 1};
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, src, sizes, strides, box, unit,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+      printf("encode failed\n");
+      continue;
+    }
+    char name[64];
+    snprintf(name, sizeof name, "tensor 128-row boxes of %d-col rows", dim);
+    for (int ctas : {64, sms})
+      for (int group : {8, 1})
+        report(name, kBytes, ctas, group, cycles, [&] {
+          intake_tensor<<<ctas, 384, kBytes>>>(map, kBytes, group, 128, cycles);
+        });
+  }
+  cudaFuncSetAttribute(intake_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  for (int dim : {64, 56, 40, 32})
+    for (int warps : {1, 4}) {
+      char name[64];
+      snprintf(name, sizeof name, "cp.async %d-col rows, %d warp%s", dim, warps, warps > 1 ? "s" : "");
+      for (int group : {8, 1})
+        report(name, kBytes, sms, group, cycles, [&] {
+          intake_rows<<<sms, 384, kBytes>>>(src, dim, kBytes, group, warps, cycles);
+        });
+    }
   const cudaError_t status = cudaDeviceSynchronize();
   if (status != cudaSuccess) printf("error: %s\n", cudaGetErrorString(status));
   return status != cudaSuccess;

@@ -37,6 +37,17 @@ def test_matches_reference(rung, dtype, dim, causal, seqlens):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("dim", [40, 72, 88, 112, 144, 160, 200], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_head_dims_between_kernels(rung, causal, dim):
+    """Head dims no kernel is built for run the next wider one on `hopper` (64, 80, 96, 128, 160
+    or 256), on columns that TMA fills with zeros and the output store leaves out; and D=160,
+    whose rows take three 64-column chunks in shared memory, the last half padding."""
+    q, k, v = make_qkv(2, 3, 3, 300, 700, dim, dtype=torch.float16, device="cuda")
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("heads", [(8, 2), (8, 1), (4, 4)], ids=["gqa8:2", "mqa8:1", "mha"])
 @pytest.mark.parametrize("seqlens", [(127, 127), (512, 512), (200, 1000)],
@@ -63,16 +74,17 @@ def test_more_tiles_than_sms(rung, causal):
                                                 (128, (2, 16, 4, 1000, 3000), False),
                                                 (128, (4, 16, 4, 1000, 2100), True),
                                                 (128, (1, 136, 8, 127, 2100), False),
-                                                (96, (2, 16, 4, 1000, 3000), True)],
+                                                (96, (2, 16, 4, 1000, 3000), True),
+                                                (80, (2, 16, 4, 1000, 3000), False)],
                          ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d128-full", "d128-causal",
-                              "d128-sq127", "d96-causal"])
+                              "d128-sq127", "d96-causal", "d80-full"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_many_tiles_three_consumers(rung, dim, shape, causal):
     """Enough 192-row tiles to fill the GPU, where `hopper` runs three consumer warpgroups per
-    CTA: at D=64, and at D=128 from 2k keys (each turn waits for its P·V before its S, which
-    reuses P's registers; the output staged in Q; also 127 query rows, and D=96 on the D=128
-    kernel's zero-padded columns): ragged S (the last tile's second and third consumers without
-    rows), GQA, bf16; and causal tiles from the counter (K/V beyond L2)."""
+    CTA: at D=64, and at D=80, 96 and 128 from 2k keys (each turn waits for its P·V before its S,
+    which reuses P's registers; the output staged in Q; also 127 query rows): ragged S (the last
+    tile's second and third consumers without rows), GQA, bf16; and causal tiles from the
+    counter (K/V beyond L2)."""
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
     q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=torch.bfloat16,
                        device="cuda")
@@ -135,14 +147,14 @@ def test_tiles_with_and_without_keys_on_one_cta(rung, dim):
     check_forward(rung, q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("dim", [40, 64, 96, 128, 200], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dim", [40, 64, 88, 96, 128, 200], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_few_query_tiles_many_keys(rung, causal, dim):
     """2 heads × 200 query rows against 8200 keys (GQA, ragged last key tile): too few tiles for
     the SMs, so `hopper` splits each tile's keys over a cluster of CTAs (at D ≤ 64 also between
-    its two consumers, sharing 64-row tiles) and merges the parts in-kernel; D=40 and 96 run the
-    D=64 and D=128 kernels on zero-padded columns, which the merge must not write; D ≥ 80 takes
+    its two consumers, sharing 64-row tiles) and merges the parts in-kernel; D=40 and 88 run the
+    D=64 and D=96 kernels on zero-padded columns, which the merge must not write; D=128 takes
     176-key tiles there. D=200 runs the D=256 kernel, which has no few-tile modes: one CTA per
     tile, every key."""
     q, k, v = make_qkv(1, 2, 1, 200, 8200, dim, dtype=torch.bfloat16, device="cuda")

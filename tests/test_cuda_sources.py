@@ -69,7 +69,7 @@ def test_hopper_kernel_machine_code(tmp_path):
     """Per instantiation (head dim, consumers, keys per tile, rows per thread): warpgroup MMAs (HGMMA) of the
     designed shapes for both GEMMs, no local memory at all, the register cap of 1 CTA at entry,
     then setmaxnreg moving registers from the producer warpgroup to the consumers: two
-    consumers (384 threads) 168 → 40 / 232, three (512 threads, D=64 and 128) 128 → 32 / 160. And
+    consumers (384 threads) 168 → 40 / 232, three (512 threads, D ≤ 128) 128 → 32 / 160. And
     ptxas kept the wgmmas asynchronous: its "serialized" warnings (C7514, C7520) cost 15–20%
     once (docs/notes.md). Shared memory is addressed as shared memory (STS, ATOMS): through a
     generic pointer every access to it was a generic store or a GPU-scope atomic (docs/notes.md).

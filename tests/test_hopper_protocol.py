@@ -94,9 +94,13 @@ class Kernel:
     def stages(self) -> int:
         return 4 if self.dim <= 64 else 2
 
+    @property
+    def row_elems(self) -> int:  # a row in shared memory: whole 64-column chunks
+        return -(-self.dim // 64) * 64
+
     def bytes_with(self, q_like_buffers: int) -> int:  # Q and output buffers, K/V, barriers
-        q = self.consumers * 64 * self.dim * 2
-        return q_like_buffers * q + 2 * self.stages * self.keys * self.dim * 2 + 1024
+        q = self.consumers * 64 * self.row_elems * 2
+        return q_like_buffers * q + 2 * self.stages * self.keys * self.row_elems * 2 + 1024
 
     @property
     def q_buffers(self) -> int:  # two where they fit in 227 KB
@@ -112,7 +116,7 @@ class Kernel:
 
     @property
     def pv_before_s(self) -> bool:  # a turn: the last P·V, waited for, then the next S
-        return self.consumers == 3 and self.dim == 128
+        return self.consumers == 3 and self.dim > 64
 
 
 def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: int | None,

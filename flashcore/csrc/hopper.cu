@@ -48,18 +48,24 @@
 // host-precomputed multipliers (FastDiv), each GEMM builds one wgmma descriptor per operand and
 // steps it by constants, and shared memory is addressed as such (STS/ATOMS, not generic).
 //
-// Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=128 with 128-key tiles
-// and two or three consumers (three: O, S and P do not fit side by side in 160 registers, so
-// each turn issues the last P·V, waits for it and issues S into P's registers; the output is
-// staged in Q),
-// or 176 where rows see > 4k keys on average (fewer, longer iterations: +3–9% there; one Q
-// buffer, so shorter launches lose more to each tile's wait for its store and next Q); D=256
-// with 80-key tiles (its 64×256 output takes 128 registers; 80 keys measured 6–9% over 64) and
-// one Q buffer, without the few-tile modes (they spilled). The two-consumer 128-key kernels at
-// D=64 and 128 also come with one query row per thread, for launches that leave most SMs idle.
-// Head dims 32–256 in steps of 8 run the next larger kernel; TMA fills the columns past the
-// head dim with zeros on loads and clips them on the output store, so the padding costs MMA
-// work only (D=96: 3/4 of the D=128 kernel's useful rate).
+// Kernels (Config): D=64 with 128-key tiles and two or three consumers; D=80, 96 and 128 with
+// 128-key tiles and two or three consumers (three: O, S and P do not fit side by side in 160
+// registers, so each turn issues the last P·V, waits for it and issues S into P's registers;
+// the output is staged in Q); at D=128 also 176-key tiles where rows see > 4k keys on average
+// (fewer, longer iterations: +3–9% there; one Q buffer, so shorter launches lose more to each
+// tile's wait for its store and next Q); D=160 and 256
+// with 80-key tiles (a 64×256 output takes 128 registers; 80 keys measured 6–9% over 64), two Q
+// buffers at 160 and one at 256, without the few-tile modes (they spilled at 256). The
+// two-consumer 128-key kernels at D=64 to 128 also come with one query row per thread, for
+// launches that leave most SMs idle.
+// D=80, 96 and 160 keep rows of whole 64-column chunks in shared memory (the last part zeros),
+// but their Q·Kᵀ takes 5, 6 or 10 K steps and their P·V is as wide as the head dim: on the next
+// wider kernel a quarter or more of the MMA work was padding (D=96 +6–21%, D=80 +11–20%, D=160
+// +9–48% at 256–16k keys; 8 heads × 512 rows −11 to −17% time).
+// Other head dims (32–256 in steps of 8) run the next wider kernel; TMA fills the columns past
+// the head dim with zeros on loads and clips them on the output store. Rows narrower than a
+// 64-column box land 2.3–4.9× slower by TMA (benchmarks/intake.cu), which bounds small launches
+// below D=64.
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
 // Measured (H100, two sweeps 2026-11-26 04:55, cuDNN in the same run): forward 0.974–1.27× cuDNN
@@ -89,9 +95,9 @@ constexpr int kMaxSplits = 8;                  // CTAs of a split-KV cluster (po
 constexpr int kMinSplitKeyTiles = 4;           // key tiles each CTA of a split keeps, at least
 constexpr int kSharedMemoryBytes = 227 * 1024;  // an H100 SM's shared memory per block
 
-// One kernel: element type, head dim (64, 128 or 256), consumer warpgroups (2, or 3 at D=64
+// One kernel: element type, head dim (64, 80, 96, 128, 160 or 256), consumer warpgroups (2, or 3
 // when the tiles fill the GPU: more warps to hide each one's softmax latency), keys per K/V
-// tile (128; 176 at D=128 over long keys; 80 at D=256, where the output takes 128 registers)
+// tile (128; 176 at D=128 over long keys; 80 at D=160 and 256, where shared memory runs out)
 // and query rows per thread: each thread holds two rows of its consumer's 64-row accumulators,
 // or, in the kernels for launches that leave most SMs idle, one: the other is padding, so a
 // consumer carries 32 query rows and twice the CTAs share the softmax.
@@ -110,14 +116,17 @@ struct Config {
   static constexpr int kConsumerRegisters = kConsumers == 2 ? 232 : 160;
   static_assert(kWarpgroupThreads * (kProducerRegisters + kConsumers * kConsumerRegisters) <=
                     65536 / kThreads / 8 * 8 * kThreads, "more registers than the CTA starts with");
-  static constexpr int kChunks = kHeadDim / kChunkElems;
+  // A row in shared memory: whole 64-column chunks (128-byte swizzle rows); at D=80, 96 and 160
+  // the last is part padding, zero-filled by TMA and skipped by the GEMMs.
+  static constexpr int kChunks = ceil_div(kHeadDim, kChunkElems);
+  static constexpr int kRowElems = kChunks * kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
   // holds them, else one. The output is staged in a buffer of its own where that fits too,
   // else in each consumer's own rows of the tile's Q, which then goes back only once the output
   // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers.
-  static constexpr int kQBytes = kConsumers * kMmaM * kHeadDim * sizeof(T);  // a Q buffer
-  static constexpr int kKVBytes = 2 * kStages * kBlockN * kHeadDim * sizeof(T);
+  static constexpr int kQBytes = kConsumers * kMmaM * kRowElems * sizeof(T);  // a Q buffer
+  static constexpr int kKVBytes = 2 * kStages * kBlockN * kRowElems * sizeof(T);
   static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
   static constexpr bool kOwnOutput = (kQBuffers + 1) * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes;
   // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128; no
@@ -129,7 +138,7 @@ struct Config {
   // Three consumers at D=128: O, S and P do not fit side by side in 160 registers, so a turn
   // issues the previous key tile's P·V, waits for it, then issues S into P's registers (the
   // consumer's softmax hides under the other two's GEMMs rather than under its own P·V).
-  static constexpr bool kPvBeforeS = kConsumers == 3 && kHeadDim == 128;
+  static constexpr bool kPvBeforeS = kConsumers == 3 && kHeadDim > 64;
   // A consumer whose rows see only the first half of its first key tile (the causal diagonal
   // of a tile's first rows, a short ragged end) computes S and the softmax over that half
   // (not in the kPvBeforeS kernel: its 160 registers spill with the second prologue).
@@ -290,7 +299,7 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
                         const Schedule& w) {
   using Smem = SharedStorage<C>;
   constexpr uint32_t kKVBytes = sizeof(Smem::k[0]);
-  const uint32_t q_bytes = w.tile_rows * C::kHeadDim * sizeof(typename C::T);  // the tile's rows of Q
+  const uint32_t q_bytes = w.tile_rows * C::kRowElems * sizeof(typename C::T);  // the tile's rows of Q
   int kv_iter = 0, index = tile_index(w, 0);
   for (int round = 0;; ++round) {
     // The tile goes to the consumers with its Q; past the last one, an arrival without Q.
@@ -728,7 +737,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
 template <class C>
 __device__ void combine(const AttnParams& p, const Schedule& w, SharedStorage<C>& s, int thread) {
   using T = typename C::T;
-  constexpr int kRowThreads = C::kHeadDim / 4, kRowsPerPass = C::kConsumers * kWarpgroupThreads / kRowThreads;
+  constexpr int kRowThreads = C::kRowElems / 4, kRowsPerPass = C::kConsumers * kWarpgroupThreads / kRowThreads;
   const Tile t = tile_at(p, w, tile_index(w, 0));
   const int rows = w.tile_rows >> w.splits_log2, col = thread % kRowThreads * 4;
   const auto& part = s.partial();
@@ -953,7 +962,8 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   // one query row per thread: twice the CTAs, each thread with half the softmax (mission shape
   // −15 to −20%). Not the 176-key kernel (it runs over > 4k keys, where such launches split),
   // nor head dims below 64 (the D=64 kernel on zero-padded columns), where it measured +5 to
-  // +29% at 8 heads × 512 rows (D = 32–56; docs/notes.md has the suspect, the padded loads).
+  // +29% at 8 heads × 512 rows (D = 32–56): there TMA lands the narrow rows 2.3–4.9× slower, and
+  // twice the CTAs load them (docs/notes.md).
   if constexpr (C::kSplitKeys && C::kBlockN == 128)
     if (w.splits_log2 == 0 && 2 * ctas <= sms && (C::kHeadDim > 64 || p.head_dim == 64))
       return launch<Config<typename C::T, C::kHeadDim, C::kConsumers, C::kBlockN, 1>>(p, stream, device, sms);
@@ -992,28 +1002,28 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
-  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
+  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 80 ? 80 : p.head_dim <= 96 ? 96
+                       : p.head_dim <= 128 ? 128 : p.head_dim <= 160 ? 160 : 256;
   // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
   // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
   // −14% at 512 keys; docs/notes.md).
   const bool wide = kernel_dims.head_dim == 128 &&
                     p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
   // Three consumers (192-row tiles) once those tiles fill the GPU: at D=64 (+7–25%; causal under
-  // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=128
-  // from 2k keys (+3–10% at 2k–8k; at 1k −3 to +1%, at 512 the 192-row tiles' padding loses).
+  // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=80 to
+  // 128 from 2k keys (D=128 +3–10% at 2k–8k; at 1k −3 to +1%, at 512 the 192-row tiles' padding
+  // loses; D=96 +4–10% at 2k–16k, D=80 +10–15% at 4k).
   const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kMmaM) >= sms &&
                      (kernel_dims.head_dim == 64 ||
-                      (kernel_dims.head_dim == 128 && !wide && p.seqlen_k >= 2048));
-  return dispatch<64, 128, 256>(kernel_dims, [&](auto tag) {
+                      (kernel_dims.head_dim <= 128 && !wide && p.seqlen_k >= 2048));
+  return dispatch<64, 80, 96, 128, 160, 256>(kernel_dims, [&](auto tag) {
     using T = typename decltype(tag)::Elem;
     constexpr int kHeadDim = decltype(tag)::kHeadDim;
-    if constexpr (kHeadDim == 64)
-      if (three) return launch<Config<T, 64, 3, 128>>(p, stream, device, sms);
-    if constexpr (kHeadDim == 128) {
+    if constexpr (kHeadDim == 128)
       if (wide) return launch<Config<T, 128, 2, 176>>(p, stream, device, sms);
-      if (three) return launch<Config<T, 128, 3, 128>>(p, stream, device, sms);
-    }
-    return launch<Config<T, kHeadDim, 2, kHeadDim == 256 ? 80 : 128>>(p, stream, device, sms);
+    if constexpr (kHeadDim <= 128)
+      if (three) return launch<Config<T, kHeadDim, 3, 128>>(p, stream, device, sms);
+    return launch<Config<T, kHeadDim, 2, (kHeadDim > 128 ? 80 : 128)>>(p, stream, device, sms);
   });
 }
 

@@ -218,16 +218,20 @@ template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[
 #define FC_G15 "%120, %121, %122, %123, %124, %125, %126, %127"
 #define FC_LIST32 FC_G0 ", " FC_G1 ", " FC_G2 ", " FC_G3
 #define FC_LIST40 FC_LIST32 ", " FC_G4
-#define FC_LIST64 FC_LIST40 ", " FC_G5 ", " FC_G6 ", " FC_G7
-#define FC_LIST88 FC_LIST64 ", " FC_G8 ", " FC_G9 ", " FC_G10
+#define FC_LIST48 FC_LIST40 ", " FC_G5
+#define FC_LIST64 FC_LIST48 ", " FC_G6 ", " FC_G7
+#define FC_LIST80 FC_LIST64 ", " FC_G8 ", " FC_G9
+#define FC_LIST88 FC_LIST80 ", " FC_G10
 #define FC_LIST128 FC_LIST88 ", " FC_G11 ", " FC_G12 ", " FC_G13 ", " FC_G14 ", " FC_G15
 #define FC_ACC8(i)                                                                         \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define FC_ACC32 FC_ACC8(0), FC_ACC8(8), FC_ACC8(16), FC_ACC8(24)
 #define FC_ACC40 FC_ACC32, FC_ACC8(32)
-#define FC_ACC64 FC_ACC40, FC_ACC8(40), FC_ACC8(48), FC_ACC8(56)
-#define FC_ACC88 FC_ACC64, FC_ACC8(64), FC_ACC8(72), FC_ACC8(80)
+#define FC_ACC48 FC_ACC40, FC_ACC8(40)
+#define FC_ACC64 FC_ACC48, FC_ACC8(48), FC_ACC8(56)
+#define FC_ACC80 FC_ACC64, FC_ACC8(64), FC_ACC8(72)
+#define FC_ACC88 FC_ACC80, FC_ACC8(80)
 #define FC_ACC128 FC_ACC88, FC_ACC8(88), FC_ACC8(96), FC_ACC8(104), FC_ACC8(112), FC_ACC8(120)
 // ss: descriptors %A and %B; rs: A fragment %A0 … %A3 and descriptor %B; scale_d from %P.
 #define FC_SS(TYPES, N, LIST, ACC, A, B, P)                                                      \
@@ -255,7 +259,10 @@ template <typename T> struct Wgmma;
     FC_SS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66)                        \
     FC_SS(TYPES, 176, FC_LIST88, FC_ACC88, 88, 89, 90)                        \
     FC_RS(TYPES, 64, FC_LIST32, FC_ACC32, 32, 33, 34, 35, 36, 37)             \
+    FC_RS(TYPES, 80, FC_LIST40, FC_ACC40, 40, 41, 42, 43, 44, 45)             \
+    FC_RS(TYPES, 96, FC_LIST48, FC_ACC48, 48, 49, 50, 51, 52, 53)             \
     FC_RS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66, 67, 68, 69)            \
+    FC_RS(TYPES, 160, FC_LIST80, FC_ACC80, 80, 81, 82, 83, 84, 85)            \
     FC_RS(TYPES, 256, FC_LIST128, FC_ACC128, 128, 129, 130, 131, 132, 133)    \
   };
 FC_DEFINE_WGMMA(__half, ".f16.f16")
@@ -283,8 +290,12 @@ FC_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
 #undef FC_ACC32
 #undef FC_LIST40
 #undef FC_ACC40
+#undef FC_LIST48
+#undef FC_ACC48
 #undef FC_LIST64
 #undef FC_ACC64
+#undef FC_LIST80
+#undef FC_ACC80
 #undef FC_LIST88
 #undef FC_ACC88
 #undef FC_LIST128
