@@ -61,7 +61,7 @@
 // D=80, 96 and 160 keep rows of whole 64-column chunks in shared memory (the last part zeros),
 // but their Q·Kᵀ takes 5, 6 or 10 K steps and their P·V is as wide as the head dim: on the next
 // wider kernel a quarter or more of the MMA work was padding (D=96 +6–21%, D=80 +11–20%, D=160
-// +9–48% at 256–16k keys; 8 heads × 512 rows −11 to −17% time).
+// +9–48% at 256–16k keys; 4 and 8 heads × 512 rows −11 to −18% time).
 // Other head dims (32–256 in steps of 8) run the next wider kernel; TMA fills the columns past
 // the head dim with zeros on loads and clips them on the output store. Rows narrower than a
 // 64-column box land 2.3–4.9× slower by TMA (benchmarks/intake.cu), which bounds small launches
@@ -72,7 +72,8 @@
 // over the BENCH grid (D=64 non-causal 383–508 TFLOP/s, D=128 476–631), ≥ 1.0× at 22 and 22 of
 // 24 points (below in the full sweep: D=128 non-causal S=512 and 1k, where each tile's first
 // Q·Kᵀ, last P·V and epilogue stand alone; 18–23 in the previous builds' sweeps); D=256
-// 0.82–1.06× (run 16:29); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
+// 0.82–1.06× (run 16:29); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
+// 1.35–2.0×); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
 // docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
 // reaches the GPU's matmul rate (~710 TFLOP/s).
 // History: docs/notes.md.
