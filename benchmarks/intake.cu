@@ -188,7 +188,8 @@ int main() {
   // the same 64-column boxes, the columns past `dim` filled with zeros by TMA.
   for (int dim : {64, 56, 48, 40, 32}) {
     CUtensorMap map;
-    cuuint64_t sizes[2] = {cuuint64_t(dim), cuuint64_t(sms) * kBytes / 128}, strides[1] = {cuuint64_t(dim) * 2};
+    cuuint64_t sizes[2] = {cuuint64_t(dim), cuuint64_t(sms) * kBytes / 128};
+    cuuint64_t strides[1] = {cuuint64_t(dim) * 2};
     cuuint32_t box[2] = {64, 128}, unit[2] = {1, 1};
     if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, src, sizes, strides, box, unit,
                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,

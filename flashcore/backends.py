@@ -179,7 +179,7 @@ _LADDER: tuple[Backend, ...] = (
     CudaRung("wmma", head_dims=(64, 128), min_capability=(8, 0), needs_16b_rows=True),
     TritonRung(),
     # wgmma and setmaxnreg exist on sm_90a only; TMA needs 16-byte aligned rows. Head dims other
-    # than 64, 80, 96, 128 and 256 run the next wider kernel, TMA zero-filling the missing columns.
+    # than 64, 80, 96, 128, 160 and 256 run the next wider kernel, TMA zero-filling the rest.
     CudaRung("hopper", head_dims=_HEAD_DIMS_32_TO_256, min_capability=(9, 0),
              max_capability=(9, 0), needs_16b_rows=True),
 )

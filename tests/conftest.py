@@ -20,9 +20,9 @@ ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
 # The `hopper` rung's kernels, (head dim, consumer warpgroups, keys per K/V tile, query rows per
 # thread), each for fp16 and bf16: test_cuda_sources checks the compiled code against it,
 # test_hopper_protocol models it.
-HOPPER_KERNELS = [(dim, consumers, 128, rows) for dim in (64, 80, 96, 128)
-                  for consumers, rows in ((2, 2), (2, 1), (3, 2))] + [(128, 2, 176, 2), (160, 2, 80, 2),
-                                                                       (256, 2, 80, 2)]
+HOPPER_KERNELS = [*((dim, consumers, 128, rows) for dim in (64, 80, 96, 128)
+                    for consumers, rows in ((2, 2), (2, 1), (3, 2))),
+                  (128, 2, 176, 2), (160, 2, 80, 2), (256, 2, 80, 2)]
 LSE_ATOL = 1e-3
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 

@@ -53,11 +53,10 @@
 // registers, so each turn issues the last P·V, waits for it and issues S into P's registers;
 // the output is staged in Q); at D=128 also 176-key tiles where rows see > 4k keys on average
 // (fewer, longer iterations: +3–9% there; one Q buffer, so shorter launches lose more to each
-// tile's wait for its store and next Q); D=160 and 256
-// with 80-key tiles (a 64×256 output takes 128 registers; 80 keys measured 6–9% over 64), two Q
-// buffers at 160 and one at 256, without the few-tile modes (they spilled at 256). The
-// two-consumer 128-key kernels at D=64 to 128 also come with one query row per thread, for
-// launches that leave most SMs idle.
+// tile's wait for its store and next Q); D=160 and 256 with 80-key tiles (a 64×256 output
+// takes 128 registers; 80 keys measured 6–9% over 64), two Q buffers at 160 and one at 256,
+// without the few-tile modes (they spilled at 256). The two-consumer 128-key kernels at D=64 to
+// 128 also come with one query row per thread, for launches that leave most SMs idle.
 // D=80, 96 and 160 keep rows of whole 64-column chunks in shared memory (the last part zeros),
 // but their Q·Kᵀ takes 5, 6 or 10 K steps and their P·V is as wide as the head dim: on the next
 // wider kernel a quarter or more of the MMA work was padding (D=96 +6–21%, D=80 +11–20%, D=160
@@ -136,7 +135,7 @@ struct Config {
   static constexpr bool kSplitKeys = kFewTileModes && kThreadRows == 2;
   static constexpr int kScoreRegs = kBlockN / 2;  // a thread's share of a 64 × kBlockN S tile
   static constexpr int kPSteps = kBlockN / kMmaK;  // K steps of P·V
-  // Three consumers at D=128: O, S and P do not fit side by side in 160 registers, so a turn
+  // Three consumers above D=64: O, S and P do not fit side by side in 160 registers, so a turn
   // issues the previous key tile's P·V, waits for it, then issues S into P's registers (the
   // consumer's softmax hides under the other two's GEMMs rather than under its own P·V).
   static constexpr bool kPvBeforeS = kConsumers == 3 && kHeadDim > 64;
