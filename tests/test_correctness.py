@@ -136,13 +136,13 @@ def test_rows_seeing_half_a_key_tile(rung, dim, causal, seqlens):
     check_forward(rung, q, k, v, causal)
 
 
-@pytest.mark.parametrize("dim", [64, 128, 256], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dim", [64, 128, 160, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("rung", RUNGS)
 def test_tiles_with_and_without_keys_on_one_cta(rung, dim):
     """Causal with Sq > Sk over 1024 tiles (GQA): each persistent CTA walks tiles that see keys and
-    tiles that see none (zeros), through one K/V ring and one ping-pong order; at D=256 `hopper`
-    stages each output in its tile's Q buffer, which the next tile's Q may only overwrite once
-    the output is stored."""
+    tiles that see none (zeros), through one K/V ring and one ping-pong order; at D=160 and 256
+    `hopper` stages each output in its tile's Q buffer (one of two at D=160), which a later
+    tile's Q may only overwrite once the output is stored."""
     q, k, v = make_qkv(2, 64, 8, 1024, 300, dim, dtype=torch.float16, device="cuda")
     check_forward(rung, q, k, v, causal=True)
 
