@@ -162,48 +162,41 @@ int main() {
     return 1;
   }
   cudaFuncSetAttribute(intake_tensor, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  // A 2-D map over rows of `dim` 16-bit elements, loaded in boxes of 64 columns × box_rows
+  // (columns past `dim` zero-filled), timed as `name`.
+  const auto time_map = [&](const char* name, int dim, int box_rows, CUtensorMapSwizzle swizzle,
+                            CUtensorMapL2promotion promotion) {
+    CUtensorMap map;
+    cuuint64_t sizes[2] = {cuuint64_t(dim), cuuint64_t(sms) * kBytes / 128};
+    cuuint64_t strides[1] = {cuuint64_t(dim) * 2};
+    cuuint32_t box[2] = {64, cuuint32_t(box_rows)}, unit[2] = {1, 1};
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, src, sizes, strides, box, unit,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) !=
+        CUDA_SUCCESS) {
+      printf("encode failed\n");
+      return;
+    }
+    for (int ctas : {64, sms})
+      for (int group : {8, 1})
+        report(name, kBytes, ctas, group, cycles, [&] {
+          intake_tensor<<<ctas, 384, kBytes>>>(map, kBytes, group, box_rows, cycles);
+        });
+  };
   for (int box_rows : {64, 128, 256})
     for (auto promotion : {CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_L2_PROMOTION_NONE})
       for (auto swizzle : {CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_SWIZZLE_NONE}) {
-        CUtensorMap map;
-        cuuint64_t sizes[2] = {64, cuuint64_t(sms) * kBytes / 128}, strides[1] = {128};
-        cuuint32_t box[2] = {64, cuuint32_t(box_rows)}, unit[2] = {1, 1};
-        if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, src, sizes, strides, box, unit,
-                   CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) !=
-            CUDA_SUCCESS) {
-          printf("encode failed\n");
-          continue;
-        }
         char name[64];
         snprintf(name, sizeof name, "tensor %d-row boxes%s%s", box_rows,
                  swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? ", swizzled" : "",
                  promotion == CU_TENSOR_MAP_L2_PROMOTION_NONE ? ", no L2 promo" : "");
-        for (int ctas : {64, sms})
-          for (int group : {8, 1})
-            report(name, kBytes, ctas, group, cycles, [&] {
-              intake_tensor<<<ctas, 384, kBytes>>>(map, kBytes, group, box_rows, cycles);
-            });
+        time_map(name, 64, box_rows, swizzle, promotion);
       }
   // Head dims below 64, as the D=64 kernel loads them: rows of `dim` elements in global memory,
   // the same 64-column boxes, the columns past `dim` filled with zeros by TMA.
   for (int dim : {64, 56, 48, 40, 32}) {
-    CUtensorMap map;
-    cuuint64_t sizes[2] = {cuuint64_t(dim), cuuint64_t(sms) * kBytes / 128};
-    cuuint64_t strides[1] = {cuuint64_t(dim) * 2};
-    cuuint32_t box[2] = {64, 128}, unit[2] = {1, 1};
-    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, src, sizes, strides, box, unit,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
-      printf("encode failed\n");
-      continue;
-    }
     char name[64];
     snprintf(name, sizeof name, "tensor 128-row boxes of %d-col rows", dim);
-    for (int ctas : {64, sms})
-      for (int group : {8, 1})
-        report(name, kBytes, ctas, group, cycles, [&] {
-          intake_tensor<<<ctas, 384, kBytes>>>(map, kBytes, group, 128, cycles);
-        });
+    time_map(name, dim, 128, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
   }
   cudaFuncSetAttribute(intake_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   for (int dim : {64, 56, 40, 32})

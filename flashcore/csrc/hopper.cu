@@ -994,6 +994,21 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   return launched;
 }
 
+// The head dims with kernels of their own, ascending; any other runs the next wider kernel.
+template <int... kDims>
+struct KernelHeadDims {
+  static int covering(int head_dim) {
+    int dim = 0;
+    (void)((head_dim <= kDims && (dim = kDims, true)) || ...);
+    return dim;
+  }
+  template <class Launch>
+  static cudaError_t dispatch(const AttnParams& p, Launch&& launch) {
+    return flashcore::dispatch<kDims...>(p, launch);
+  }
+};
+using HopperHeadDims = KernelHeadDims<64, 80, 96, 128, 160, 256>;
+
 }  // namespace
 
 cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
@@ -1002,8 +1017,7 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
-  kernel_dims.head_dim = p.head_dim <= 64 ? 64 : p.head_dim <= 80 ? 80 : p.head_dim <= 96 ? 96
-                       : p.head_dim <= 128 ? 128 : p.head_dim <= 160 ? 160 : 256;
+  kernel_dims.head_dim = HopperHeadDims::covering(p.head_dim);
   // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
   // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
   // −14% at 512 keys; docs/notes.md).
@@ -1016,7 +1030,7 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kMmaM) >= sms &&
                      (kernel_dims.head_dim == 64 ||
                       (kernel_dims.head_dim <= 128 && !wide && p.seqlen_k >= 2048));
-  return dispatch<64, 80, 96, 128, 160, 256>(kernel_dims, [&](auto tag) {
+  return HopperHeadDims::dispatch(kernel_dims, [&](auto tag) {
     using T = typename decltype(tag)::Elem;
     constexpr int kHeadDim = decltype(tag)::kHeadDim;
     if constexpr (kHeadDim == 128)
