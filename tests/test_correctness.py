@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 RUNGS = [rung.name for rung in flashcore.ladder()]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 DTYPES = [torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+HEAD_DIMS = [32, 64, 80, 96, 128, 160, 256]
 TRAINABLE = [rung.name for rung in flashcore.ladder() if rung.has_backward]
 SEQLENS = [(1, 1), (7, 7), (127, 127), (128, 128), (129, 129), (512, 512), (1000, 1000),
            (1, 1000), (127, 513), (1000, 7), (129, 64)]
