@@ -70,8 +70,9 @@
 // Measured (H100, two sweeps 2026-11-26 04:55, cuDNN in the same run): forward 0.974–1.27× cuDNN
 // over the BENCH grid (D=64 non-causal 383–508 TFLOP/s, D=128 476–631), ≥ 1.0× at 22 and 22 of
 // 24 points (below in the full sweep: D=128 non-causal S=512 and 1k, where each tile's first
-// Q·Kᵀ, last P·V and epilogue stand alone; 18–23 in the previous builds' sweeps); D=256
-// 0.82–1.06× (run 16:29); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
+// Q·Kᵀ, last P·V and epilogue stand alone, and S=512 sits at the GPU's ridge: 256 FLOP/B of
+// HBM traffic; 18–23 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
+// launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
 // 1.35–2.0×); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
 // docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
 // reaches the GPU's matmul rate (~710 TFLOP/s).
