@@ -78,16 +78,17 @@ def test_more_tiles_than_sms(rung, causal):
                                                 (80, (2, 16, 4, 1000, 3000), False)],
                          ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d128-full", "d128-causal",
                               "d128-sq127", "d96-causal", "d80-full"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rung", RUNGS)
-def test_many_tiles_three_consumers(rung, dim, shape, causal):
+def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
     """Enough 192-row tiles to fill the GPU, where `hopper` runs three consumer warpgroups per
-    CTA: at D=64, and at D=80, 96 and 128 from 2k keys (each turn waits for its P·V before its S,
-    which reuses P's registers; the output staged in Q; also 127 query rows): ragged S (the last
-    tile's second and third consumers without rows), GQA, bf16; and causal tiles from the
+    CTA: at D=64 (in fp16 with each row's sum of P kept by the tensor cores, in P·V's columns
+    past the output), and at D=80, 96 and 128 from 2k keys (each turn waits for its P·V before
+    its S, which reuses P's registers; the output staged in Q; also 127 query rows): ragged S
+    (the last tile's second and third consumers without rows), GQA; and causal tiles from the
     counter (K/V beyond L2)."""
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
-    q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=torch.bfloat16,
-                       device="cuda")
+    q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=dtype, device="cuda")
     check_forward(rung, q, k, v, causal)
 
 

@@ -126,8 +126,17 @@ struct Config {
   // holds them, else one. The output is staged in a buffer of its own where that fits too,
   // else in each consumer's own rows of the tile's Q, which then goes back only once the output
   // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers.
+  // fp16 at D=64 with three consumers (launches whose tiles fill the GPU), where the softmax
+  // bounds the kernel: P·V is 8 columns wider, over a block of ones in shared memory, so the
+  // tensor cores keep each row's running sum of P in the last accumulator columns (the sum of
+  // the very fp16 P that P·V multiplies), and the softmax has no FADDs or shuffles for it
+  // (+2–5% on the grid). Not in bf16, whose 8-bit P summed so moved the LSE by up to 1.6e-3,
+  // nor in the small-launch kernels, where the wider P·V cost more (mission +0.16 µs).
+  static constexpr bool kSumsInPv = std::is_same_v<T, __half> && kHeadDim == 64 && kConsumers == 3;
+  static constexpr int kOutRegs = kHeadDim / 2 + (kSumsInPv ? 4 : 0);  // a thread's P·V accumulator
+  static constexpr int kOnesBytes = kSumsInPv ? kBlockN * kChunkElems * sizeof(T) : 0;
   static constexpr int kQBytes = kConsumers * kMmaM * kRowElems * sizeof(T);  // a Q buffer
-  static constexpr int kKVBytes = 2 * kStages * kBlockN * kRowElems * sizeof(T);
+  static constexpr int kKVBytes = 2 * kStages * kBlockN * kRowElems * sizeof(T) + kOnesBytes;
   static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
   static constexpr bool kOwnOutput = (kQBuffers + 1) * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes;
   // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128; no
@@ -161,6 +170,9 @@ struct SharedStorage {
   int tile[kQBuffers];  // the tile whose Q is in each buffer, published with q_full
   uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
+  // C::kSumsInPv: a 64-column chunk of ones for every key of a tile, P·V's B past V's columns
+  // (last, so that the other kernels' layout does not move).
+  alignas(C::kSumsInPv ? kSwizzleAtomBytes : 1) std::conditional_t<C::kSumsInPv, T[C::kBlockN * kChunkElems], char> ones;
 
   // Split keys, over buffers free by then. Cluster (over Q, K and V): the unnormalised results
   // of its CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this
@@ -366,12 +378,15 @@ __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], SharedStorage<
   wgmma_commit();
 }
 
-// O += P·V, P from registers, V MN-major (head dim contiguous); asynchronous (committed).
+// O += P·V, P from registers, V MN-major (head dim contiguous); asynchronous (committed). With
+// C::kSumsInPv the columns past V's are the block of ones: the descriptor's step between 64-column
+// chunks is the way from the stage's V to it.
 template <class C>
-__device__ __forceinline__ void issue_pv(float (&o)[C::kHeadDim / 2], const uint32_t (&pa)[C::kPSteps][4],
+__device__ __forceinline__ void issue_pv(float (&o)[C::kOutRegs], const uint32_t (&pa)[C::kPSteps][4],
                                          SharedStorage<C>& s, int stage) {
-  constexpr uint32_t kChunkBytes = C::kBlockN * kSwizzleBytes;  // between V's 64-column chunks
-  const uint64_t v = smem_desc(&s.v[stage][0][0], kChunkBytes, kSwizzleAtomBytes);
+  uint32_t chunk_bytes = C::kBlockN * kSwizzleBytes;  // between V's 64-column chunks
+  if constexpr (C::kSumsInPv) chunk_bytes = smem_addr(s.ones) - smem_addr(&s.v[stage][0][0]);
+  const uint64_t v = smem_desc(&s.v[stage][0][0], chunk_bytes, kSwizzleAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < C::kPSteps; ++kk)  // 16 rows of V (keys) per K step
     Wgmma<typename C::T>::rs(o, pa[kk], desc_advance(v, kk * kMmaK * kSwizzleBytes), true);
@@ -381,8 +396,8 @@ __device__ __forceinline__ void issue_pv(float (&o)[C::kHeadDim / 2], const uint
 // Online softmax of one score tile, in place: masks keys at or past each row's limit (tiles
 // that hold such keys only), raises the running maxima, and turns scores into unnormalised
 // probabilities exp2(s·scale·log2e − max). Returns each row's correction for the output.
-// Only the thread's first kRows rows (the query rows).
-template <int kRows, int kScoreRegs>
+// Only the thread's first kRows rows (the query rows); the rows' sums too unless P·V keeps them.
+template <int kRows, bool kSums, int kScoreRegs>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoftmax (&row)[2],
                                              float (&correction)[2], bool masked, int first_key,
                                              const int (&limit)[2], float scale_log2) {
@@ -414,10 +429,11 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kScoreRegs], OnlineSoft
     for (int r = 0; r < 2 * kRows; ++r) {  // register 4t + r: row i = r / 2
       float& x = sc[4 * t + r];
       x = fast_exp2(fmaf(x, scale_log2, -shift[r / 2]));
-      sum[r / 2][t % 2] += x;
+      if constexpr (kSums) sum[r / 2][t % 2] += x;
     }
+  if constexpr (kSums)
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
+    for (int i = 0; i < kRows; ++i) row[i].sum += sum[i][0] + sum[i][1];  // the quad's add up at the end
 }
 
 // P rounded to 16 bits: the accumulator registers re-read as P·V's A fragments, no shuffles;
@@ -516,10 +532,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       mbar_wait(&s.q_full[qb], ring_phase(0, Smem::kQBuffers));
     }
     OnlineSoftmax row[2];
-    float o[kHeadDim / 2], sc[C::kScoreRegs], correction[2];
+    float o[C::kOutRegs], sc[C::kScoreRegs], correction[2];
     uint32_t pa[C::kPSteps][4];
 #pragma unroll
-    for (int r = 0; r < kHeadDim / 2; ++r) o[r] = 0.f;
+    for (int r = 0; r < C::kOutRegs; ++r) o[r] = 0.f;
 
     // This consumer's key tiles: n, n - step, … ≥ keys.begin, the kv-th loads of the ring on.
     int n = keys.end - 1 - skip, kv = kv_iter + skip, stage = kv % Smem::kStages;
@@ -575,7 +591,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         wgmma_wait<0>();
         fence_registers(scores);
         release_k();
-        softmax_tile<kRows>(scores, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        softmax_tile<kRows, !C::kSumsInPv>(scores, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
         to_operand<T, kRows>(scores, pa);
       };
       if (!(C::kHalfFirst && own_keys - n * kBlockN <= kBlockN / 2)) {
@@ -612,7 +628,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
         wgmma_wait<C::kPvBeforeS ? 0 : 1>();  // S done (two consumers: P·V may still run)
         fence_registers(sc);
         release_k();
-        softmax_tile<kRows>(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
+        softmax_tile<kRows, !C::kSumsInPv>(sc, row, correction, n >= first_masked, n * kBlockN + col, limit, p.scale_log2);
         if constexpr (!C::kPvBeforeS) {
           finish_pv(pv_stage);
           scale_rows<kRows>(o, correction);
@@ -645,7 +661,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     }
 
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) row[i].sum = quad_sum(row[i].sum);
+    for (int i = 0; i < kRows; ++i) {  // C::kSumsInPv: P·V's columns of ones (row i: register 2i past O)
+      if constexpr (C::kSumsInPv) row[i].sum = o[kHeadDim / 2 + 2 * i];
+      else row[i].sum = quad_sum(row[i].sum);
+    }
     if (shared) {  // consumer 1's results join consumer 0's, register by register
       // Fragment f of the query rows' output registers: register 4t + 2i + j, f = 2(kRows·t + i) + j.
       auto& frag = s.fragments();
@@ -790,6 +809,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       mbar_init(&s.v_empty[i], kv_readers);
     }
     mbar_init_fence();
+  }
+  if constexpr (C::kSumsInPv) {  // P·V's block of ones, read by the wgmmas (the async proxy)
+    const uint32_t ones = pack2(typename C::T{}, 1.f, 1.f);
+    for (int i = threadIdx.x; i < int(sizeof(s.ones) / sizeof(uint4)); i += blockDim.x)
+      reinterpret_cast<uint4*>(s.ones)[i] = make_uint4(ones, ones, ones, ones);
+    fence_async_shared();
   }
   __syncthreads();
   allow_dependents_to_launch();  // they launch once every CTA of this one has got here

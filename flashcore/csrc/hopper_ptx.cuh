@@ -217,6 +217,7 @@ template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[
 #define FC_G14 "%112, %113, %114, %115, %116, %117, %118, %119"
 #define FC_G15 "%120, %121, %122, %123, %124, %125, %126, %127"
 #define FC_LIST32 FC_G0 ", " FC_G1 ", " FC_G2 ", " FC_G3
+#define FC_LIST36 FC_LIST32 ", %32, %33, %34, %35"
 #define FC_LIST40 FC_LIST32 ", " FC_G4
 #define FC_LIST48 FC_LIST40 ", " FC_G5
 #define FC_LIST64 FC_LIST48 ", " FC_G6 ", " FC_G7
@@ -227,6 +228,7 @@ template <int kN> __device__ __forceinline__ void fence_registers(uint32_t (&r)[
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define FC_ACC32 FC_ACC8(0), FC_ACC8(8), FC_ACC8(16), FC_ACC8(24)
+#define FC_ACC36 FC_ACC32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
 #define FC_ACC40 FC_ACC32, FC_ACC8(32)
 #define FC_ACC48 FC_ACC40, FC_ACC8(40)
 #define FC_ACC64 FC_ACC48, FC_ACC8(48), FC_ACC8(56)
@@ -259,6 +261,7 @@ template <typename T> struct Wgmma;
     FC_SS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66)                        \
     FC_SS(TYPES, 176, FC_LIST88, FC_ACC88, 88, 89, 90)                        \
     FC_RS(TYPES, 64, FC_LIST32, FC_ACC32, 32, 33, 34, 35, 36, 37)             \
+    FC_RS(TYPES, 72, FC_LIST36, FC_ACC36, 36, 37, 38, 39, 40, 41)             \
     FC_RS(TYPES, 80, FC_LIST40, FC_ACC40, 40, 41, 42, 43, 44, 45)             \
     FC_RS(TYPES, 96, FC_LIST48, FC_ACC48, 48, 49, 50, 51, 52, 53)             \
     FC_RS(TYPES, 128, FC_LIST64, FC_ACC64, 64, 65, 66, 67, 68, 69)            \
@@ -288,6 +291,8 @@ FC_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
 #undef FC_G15
 #undef FC_LIST32
 #undef FC_ACC32
+#undef FC_LIST36
+#undef FC_ACC36
 #undef FC_LIST40
 #undef FC_ACC40
 #undef FC_LIST48
