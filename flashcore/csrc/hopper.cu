@@ -14,7 +14,9 @@
 //   - Each consumer warpgroup owns 64 query rows of the tile. S = Q·Kᵀ is one chain of
 //     wgmma with both operands in shared memory; the online softmax (exp2, scale folded into
 //     one FFMA) runs on the accumulator registers; P stays in those registers, rounded to 16
-//     bits, as the A operand of O += P·V (V read MN-major from shared memory).
+//     bits, as the A operand of O += P·V (V read MN-major from shared memory). In fp16 at D=64
+//     (three consumers) P·V is 8 columns wider, over a block of ones, and keeps the rows' sums:
+//     no FADDs for them in the softmax, which bounds that kernel (+3% on average, up to +9%).
 //   - Overlap inside a warpgroup: S of key tile n is issued together with P·V of tile n + 1,
 //     and the softmax of tile n runs while that P·V is on the tensor cores. Between the
 //     consumers, ping-pong: they take turns issuing GEMMs (named barriers), so one's softmax
@@ -67,11 +69,11 @@
 // below D=64.
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 04:55, cuDNN in the same run): forward 0.974–1.27× cuDNN
-// over the BENCH grid (D=64 non-causal 383–508 TFLOP/s, D=128 476–631), ≥ 1.0× at 22 and 22 of
-// 24 points (below in the full sweep: D=128 non-causal S=512 and 1k, where each tile's first
-// Q·Kᵀ, last P·V and epilogue stand alone, and S=512 sits at the GPU's ridge: 256 FLOP/B of
-// HBM traffic; 18–23 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
+// Measured (H100, two sweeps 2026-11-26 07:38, cuDNN in the same run): forward 0.986–1.19× cuDNN
+// over the BENCH grid (D=64 non-causal 394–513 TFLOP/s, D=128 472–626), ≥ 1.0× at 21 and 23 of
+// 24 points (below in both: D=128 non-causal S=512, where each tile's first Q·Kᵀ, last P·V and
+// epilogue stand alone and the launch sits at the GPU's ridge, 256 FLOP per byte of HBM
+// traffic; 18–23 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
 // launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
 // 1.35–2.0×); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
 // docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
@@ -130,7 +132,7 @@ struct Config {
   // bounds the kernel: P·V is 8 columns wider, over a block of ones in shared memory, so the
   // tensor cores keep each row's running sum of P in the last accumulator columns (the sum of
   // the very fp16 P that P·V multiplies), and the softmax has no FADDs or shuffles for it
-  // (+2–5% on the grid). Not in bf16, whose 8-bit P summed so moved the LSE by up to 1.6e-3,
+  // (about +3% on the grid, −2.5 to +9%). Not in bf16, whose 8-bit P summed so moved the LSE by up to 1.6e-3,
   // nor in the small-launch kernels, where the wider P·V cost more (mission +0.16 µs).
   static constexpr bool kSumsInPv = std::is_same_v<T, __half> && kHeadDim == 64 && kConsumers == 3;
   static constexpr int kOutRegs = kHeadDim / 2 + (kSumsInPv ? 4 : 0);  // a thread's P·V accumulator
