@@ -6,11 +6,11 @@ consumers share rows, merging in shared memory), the same with 16 heads (two row
 at D=128 (one row per thread, 64-row tiles) and D=80; few query tiles against many keys
 (split-KV clusters merging through distributed shared memory, GQA, Sq ≠ Sk), also at D=88 (the
 D=96 kernel, its last 8 columns zero-padded); a persistent grid walking several tiles per CTA,
-at D=40 (three consumers: 192-row tiles fill the GPU; fp16, so P·V keeps the row sums); one whose causal tiles are handed out
-dynamically; D=256 and 160 over several tiles per CTA (each output staged in its tile's Q
-buffer; at D=160 one of two); D=128 with 176-key tiles over 8k keys (the same staging, and its
-split-KV cluster); query rows that end inside a tile, so that one
-consumer has no rows of its own there (it passes its turns and hands the stages back); and
+at D=40 (three consumers: 192-row tiles fill the GPU; fp16, so P·V keeps the row sums); one
+whose causal tiles are handed out dynamically; D=256 and 160 over several tiles per CTA (each
+output staged in its tile's Q buffer; at D=160 one of two); D=128 with 176-key tiles over 8k
+keys (the same staging, and its split-KV cluster); query rows that end inside a tile, so that
+one consumer has no rows of its own there (it passes its turns and hands the stages back); and
 D=128 and 96 with three consumers (each turn's P·V waited for before its S; output staged in Q)."""
 
 import sys

@@ -124,23 +124,26 @@ struct Config {
   static constexpr int kChunks = ceil_div(kHeadDim, kChunkElems);
   static constexpr int kRowElems = kChunks * kChunkElems;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
-  // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
-  // holds them, else one. The output is staged in a buffer of its own where that fits too,
-  // else in each consumer's own rows of the tile's Q, which then goes back only once the output
-  // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers.
   // fp16 at D=64 with three consumers (launches whose tiles fill the GPU), where the softmax
   // bounds the kernel: P·V is 8 columns wider, over a block of ones in shared memory, so the
   // tensor cores keep each row's running sum of P in the last accumulator columns (the sum of
   // the very fp16 P that P·V multiplies), and the softmax has no FADDs or shuffles for it
-  // (about +3% on the grid, −2.5 to +9%). Not in bf16, whose 8-bit P summed so moved the LSE by up to 1.6e-3,
-  // nor in the small-launch kernels, where the wider P·V cost more (mission +0.16 µs).
+  // (about +3% on the grid, −2.5 to +9%). Not in bf16, whose 8-bit P summed so moved the LSE
+  // by up to 1.6e-3, nor in the small-launch kernels, where the wider P·V cost more (mission
+  // +0.16 µs).
   static constexpr bool kSumsInPv = std::is_same_v<T, __half> && kHeadDim == 64 && kConsumers == 3;
   static constexpr int kOutRegs = kHeadDim / 2 + (kSumsInPv ? 4 : 0);  // a thread's P·V accumulator
   static constexpr int kOnesBytes = kSumsInPv ? kBlockN * kChunkElems * sizeof(T) : 0;
+  // Q: two buffers (the next tile's Q loads while this one's finishes) where shared memory
+  // holds them, else one. The output is staged in a buffer of its own where that fits too,
+  // else in each consumer's own rows of the tile's Q, which then goes back only once the output
+  // is stored (with one Q buffer, the next tile's Q loads after that). 1 KB: the barriers;
+  // kOnesBytes: the block of ones below.
   static constexpr int kQBytes = kConsumers * kMmaM * kRowElems * sizeof(T);  // a Q buffer
-  static constexpr int kKVBytes = 2 * kStages * kBlockN * kRowElems * sizeof(T) + kOnesBytes;
-  static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
-  static constexpr bool kOwnOutput = (kQBuffers + 1) * kQBytes + kKVBytes + 1024 <= kSharedMemoryBytes;
+  static constexpr int kKVBytes = 2 * kStages * kBlockN * kRowElems * sizeof(T);
+  static constexpr int kQBuffers = 2 * kQBytes + kKVBytes + kOnesBytes + 1024 <= kSharedMemoryBytes ? 2 : 1;
+  static constexpr bool kOwnOutput =
+      (kQBuffers + 1) * kQBytes + kKVBytes + kOnesBytes + 1024 <= kSharedMemoryBytes;
   // Few tiles: consumers sharing rows, clusters splitting keys (two consumers, D ≤ 128; no
   // splits with one row per thread, which is for launches too short to split).
   static constexpr bool kFewTileModes = kConsumers == 2 && kHeadDim <= 128;
@@ -174,7 +177,8 @@ struct SharedStorage {
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
   // C::kSumsInPv: a 64-column chunk of ones for every key of a tile, P·V's B past V's columns
   // (last, so that the other kernels' layout does not move).
-  alignas(C::kSumsInPv ? kSwizzleAtomBytes : 1) std::conditional_t<C::kSumsInPv, T[C::kBlockN * kChunkElems], char> ones;
+  alignas(C::kSumsInPv ? kSwizzleAtomBytes : 1)
+      std::conditional_t<C::kSumsInPv, T[C::kBlockN * kChunkElems], char> ones;
 
   // Split keys, over buffers free by then. Cluster (over Q, K and V): the unnormalised results
   // of its CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this
