@@ -178,7 +178,7 @@ struct SharedStorage {
   // C::kSumsInPv: a 64-column chunk of ones for every key of a tile, P·V's B past V's columns
   // (last, so that the other kernels' layout does not move).
   alignas(C::kSumsInPv ? kSwizzleAtomBytes : 1)
-      std::conditional_t<C::kSumsInPv, T[C::kBlockN * kChunkElems], char> ones;
+      std::conditional_t<C::kSumsInPv, T[C::kOnesBytes / sizeof(T)], char> ones;
 
   // Split keys, over buffers free by then. Cluster (over Q, K and V): the unnormalised results
   // of its CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this
