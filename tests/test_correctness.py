@@ -71,13 +71,14 @@ def test_more_tiles_than_sms(rung, causal):
 @pytest.mark.parametrize("dim, shape, causal", [(64, (4, 16, 4, 1000, 1000), False),
                                                 (64, (4, 16, 4, 1000, 2100), True),
                                                 (64, (1, 48, 48, 600, 8192), True),
+                                                (64, (4, 16, 4, 1000, 7), False),
                                                 (128, (2, 16, 4, 1000, 3000), False),
                                                 (128, (4, 16, 4, 1000, 2100), True),
                                                 (128, (1, 136, 8, 127, 2100), False),
                                                 (96, (2, 16, 4, 1000, 3000), True),
                                                 (80, (2, 16, 4, 1000, 3000), False)],
-                         ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d128-full", "d128-causal",
-                              "d128-sq127", "d96-causal", "d80-full"])
+                         ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d64-7-keys", "d128-full",
+                              "d128-causal", "d128-sq127", "d96-causal", "d80-full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
@@ -85,7 +86,8 @@ def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
     CTA: at D=64 (in fp16 with each row's sum of P kept by the tensor cores, in P·V's columns
     past the output), and at D=80, 96 and 128 from 2k keys (each turn waits for its P·V before
     its S, which reuses P's registers; the output staged in Q; also 127 query rows): ragged S
-    (the last tile's second and third consumers without rows), GQA; and causal tiles from the
+    (the last tile's second and third consumers without rows), GQA; 7 keys (one ragged key tile:
+    the sums of the fewest P, where rounding moves the LSE most); and causal tiles from the
     counter (K/V beyond L2)."""
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
     q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=dtype, device="cuda")
