@@ -94,6 +94,29 @@ def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
     check_forward(rung, q, k, v, causal)
 
 
+@pytest.mark.parametrize("dim, shape", [(64, (1, 8, 8, 512, 512)), (64, (1, 16, 16, 512, 512)),
+                                         (64, (1, 20, 4, 1000, 1000)), (64, (4, 16, 4, 1000, 1000)),
+                                         (128, (2, 16, 4, 1000, 3000)), (256, (1, 8, 8, 512, 1000))],
+                         ids=["d64-h8", "d64-h16", "d64-two-consumers", "d64-three-consumers",
+                              "d128-three-consumers", "d256"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_scores_rising_toward_the_first_keys(rung, dtype, causal, dim, shape):
+    """Each key's score raised by 5/128 (log2 units) for every key after it, and by 20 more for
+    the first 64. Random inputs settle a row's running max within a few key tiles; here it rises
+    at every one (by ~5 per 128 keys, ~20 in the first, which `hopper` walks to last), so every
+    tile rescales the output accumulated so far, in each kernel family of `hopper` (one query row
+    per thread, shared rows, two and three consumers, D=256)."""
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim, dtype=dtype, device="cuda")
+    keys = torch.arange(seqlen_k, device="cuda")
+    rise = 5 / 128 * (seqlen_k - 1 - keys) + 20 * (keys < 64)  # log2 units
+    q[..., 0] = 4
+    k[..., 0] = (rise / (4 * dim**-0.5 * math.log2(math.e))).to(dtype)
+    check_forward(rung, q, k, v, causal)
+
+
 @pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
