@@ -18,11 +18,9 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,8 +74,8 @@ def main() -> int:
                                  check=True, capture_output=True, text=True).stdout
             for line in out.splitlines():
                 row = json.loads(line)
-                if row["error"] or row["rel_err"] is None or not row["rel_err"] < 2e-3:
-                    failures.append(f"{name} {row['point']}: {row['error'] or row['rel_err']}")
+                if (why := bench.ab_failure(row)) is not None:
+                    failures.append(f"{name} {row['point']}: {why}")
                 elif row["value"] is not None:
                     results[name].setdefault(row["point"], []).append(row["value"])
     table = Table(title=f"{args.rung}, best of {args.passes} passes")
@@ -88,12 +86,7 @@ def main() -> int:
         best = [(min if lower_is_better else max)(results[name].get(point, [float("nan")])) for name in trees]
         ratio = best[0] / best[-1] if lower_is_better else best[-1] / best[0]
         table.add_row(point, *(f"{x:.1f}" for x in best), f"{ratio:.3f}")
-    env = bench.environment(datetime.now(timezone.utc))
-    table.caption = ", ".join(f"{key} {env[key]}" for key in ("device", "driver", "torch", "triton", "cudnn", "date"))
-    Console(width=140).print(table)
-    for failure in failures:
-        print("FAILED", failure)
-    return int(bool(failures))
+    return bench.print_run(table, failures)
 
 
 if __name__ == "__main__":

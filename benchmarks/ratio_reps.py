@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,8 +51,8 @@ def main() -> int:
             names = [args.backend, args.peer][:: 1 if rep % 2 == 0 else -1]
             rows = {row["backend"]: row
                     for row in bench.sweep_point(shape, causal, torch.float16, names, backward=False)}
-            bad = [f"{label} {name}: {row['error'] or row['rel_err']}" for name, row in rows.items()
-                   if row["error"] or row["rel_err"] is None or not row["rel_err"] < 2e-3]
+            bad = [f"{label} {name}: {why}" for name, row in rows.items()
+                   if (why := bench.ab_failure(row)) is not None]
             if bad:
                 failures += bad
                 continue
@@ -66,13 +64,7 @@ def main() -> int:
             spread = [f"{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})" for v in tflops.values()]
             table.add_row(label, *spread, f"{statistics.median(ratios):.3f}",
                           f"{min(ratios):.3f}–{max(ratios):.3f}")
-    env = bench.environment(datetime.now(timezone.utc))
-    keys = ("device", "driver", "torch", "triton", "cudnn", "date")
-    table.caption = ", ".join(f"{key} {env[key]}" for key in keys)
-    Console(width=140).print(table)
-    for failure in failures:
-        print("FAILED", failure)
-    return int(bool(failures))
+    return bench.print_run(table, failures)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,26 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def ab_failure(row: Row) -> str | None:
+    """Why a row of a benchmark script's A/B does not count: its error, or a relative error
+    against float64 not below 2e-3 (fp16); None when it does."""
+    if row["error"] or row["rel_err"] is None or not row["rel_err"] < 2e-3:
+        return str(row["error"] or row["rel_err"])
+    return None
+
+
+def print_run(table: Table, failures: Sequence[str]) -> int:
+    """A benchmark script's end: `table` captioned with this run's device, versions and date, then
+    each failure; returns the exit status (1 if any failed)."""
+    env = environment(datetime.now(timezone.utc))
+    keys = ("device", "driver", "torch", "triton", "cudnn", "date")
+    table.caption = ", ".join(f"{key} {env[key]}" for key in keys)
+    Console(width=140).print(table)
+    for failure in failures:
+        print("FAILED", failure)
+    return int(bool(failures))
+
+
 def environment(now: datetime) -> Row:
     try:
         driver: str | None = subprocess.run(
