@@ -75,17 +75,19 @@ def test_more_tiles_than_sms(rung, causal):
                                                 (128, (2, 16, 4, 1000, 3000), False),
                                                 (128, (4, 16, 4, 1000, 2100), True),
                                                 (128, (1, 136, 8, 127, 2100), False),
+                                                (128, (1, 40, 8, 1000, 5000), True),
                                                 (96, (2, 16, 4, 1000, 3000), True),
                                                 (80, (2, 16, 4, 1000, 3000), False)],
                          ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d64-7-keys", "d128-full",
-                              "d128-causal", "d128-sq127", "d96-causal", "d80-full"])
+                              "d128-causal", "d128-sq127", "d128-long-keys", "d96-causal", "d80-full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
     """Enough 192-row tiles to fill the GPU, where `hopper` runs three consumer warpgroups per
     CTA: at D=64 (in fp16 with each row's sum of P kept by the tensor cores, in P·V's columns
     past the output), and at D=80, 96 and 128 from 2k keys (each turn waits for its P·V before
-    its S, which reuses P's registers; the output staged in Q; also 127 query rows): ragged S
+    its S, which reuses P's registers; the output staged in Q; also 127 query rows, and rows
+    that see over 4k keys, where the two-consumer kernel would take 176-key tiles): ragged S
     (the last tile's second and third consumers without rows), GQA; 7 keys (one ragged key tile:
     the sums of the fewest P, where rounding moves the LSE most); and causal tiles from the
     counter (K/V beyond L2)."""
@@ -190,10 +192,11 @@ def test_few_query_tiles_many_keys(rung, causal, dim):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_long_keys_over_many_tiles(rung, causal):
-    """40 heads × 8 query tiles against 5000 keys at D=128 (GQA, ragged ends): `hopper` takes
-    176-key tiles with one Q buffer per CTA, in which each tile's output is staged; every CTA
-    walks several tiles, so each next Q must wait for the previous output's store."""
-    q, k, v = make_qkv(1, 40, 8, 1000, 5000, 128, dtype=torch.float16, device="cuda")
+    """40 heads × 500 query rows against 5000 keys at D=128 (GQA, ragged ends): too few 192-row
+    tiles to fill the GPU for three consumers, so `hopper` takes two with 176-key tiles and one Q
+    buffer per CTA, in which each tile's output is staged; its 160 tiles of 128 rows take two
+    rounds, so each next Q must wait for the previous output's store."""
+    q, k, v = make_qkv(1, 40, 8, 500, 5000, 128, dtype=torch.float16, device="cuda")
     check_forward(rung, q, k, v, causal)
 
 

@@ -55,7 +55,8 @@
 // 128-key tiles and two or three consumers (three: O, S and P do not fit side by side in 160
 // registers, so each turn issues the last P·V, waits for it and issues S into P's registers;
 // the output is staged in Q); at D=128 also 176-key tiles where rows see > 4k keys on average
-// (fewer, longer iterations: +3–9% there; one Q buffer, so shorter launches lose more to each
+// and 192-row tiles do not fill the GPU (fewer, longer iterations: +3–9% over two 128-key
+// consumers there, but 4–6% below three; one Q buffer, so shorter launches lose more to each
 // tile's wait for its store and next Q); D=160 and 256 with 80-key tiles (a 64×256 output
 // takes 128 registers; 80 keys measured 6–9% over 64), two Q buffers at 160 and one at 256,
 // without the few-tile modes (they spilled at 256). The two-consumer 128-key kernels at D=64 to
@@ -101,7 +102,8 @@ constexpr int kSharedMemoryBytes = 227 * 1024;  // an H100 SM's shared memory pe
 
 // One kernel: element type, head dim (64, 80, 96, 128, 160 or 256), consumer warpgroups (2, or 3
 // when the tiles fill the GPU: more warps to hide each one's softmax latency), keys per K/V
-// tile (128; 176 at D=128 over long keys; 80 at D=160 and 256, where shared memory runs out)
+// tile (128; 176 at D=128 over long keys with two consumers; 80 at D=160 and 256, where shared
+// memory runs out)
 // and query rows per thread: each thread holds two rows of its consumer's 64-row accumulators,
 // or, in the kernels for launches that leave most SMs idle, one: the other is padding, so a
 // consumer carries 32 query rows and twice the CTAs share the softmax.
@@ -1056,18 +1058,18 @@ cudaError_t hopper_forward(const AttnParams& p, cudaStream_t stream) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   AttnParams kernel_dims = p;  // the kernel whose head dim covers p's, zero-padded by TMA
   kernel_dims.head_dim = HopperHeadDims::covering(p.head_dim);
-  // 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9%); not below,
-  // where each tile's wait for its output store and next Q (one Q buffer) costs more (up to
-  // −14% at 512 keys; docs/notes.md).
-  const bool wide = kernel_dims.head_dim == 128 &&
-                    p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
   // Three consumers (192-row tiles) once those tiles fill the GPU: at D=64 (+7–25%; causal under
   // 2k keys +8–15% since each consumer walks only the key tiles its rows reach), and at D=80 to
-  // 128 from 2k keys (D=128 +3–10% at 2k–8k; at 1k −3 to +1%, at 512 the 192-row tiles' padding
-  // loses; D=96 +4–10% at 2k–16k, D=80 +10–15% at 4k).
+  // 128 from 2k keys (D=128 +3–10% at 2k–8k, and +4–6% at 8k–16k over the 176-key tiles below;
+  // at 1k −3 to +1%, at 512 the 192-row tiles' padding loses; D=96 +4–10% at 2k–16k, D=80
+  // +10–15% at 4k).
   const bool three = int64_t(p.batch) * p.heads_q * ceil_div(p.seqlen_q, 3 * kMmaM) >= sms &&
-                     (kernel_dims.head_dim == 64 ||
-                      (kernel_dims.head_dim <= 128 && !wide && p.seqlen_k >= 2048));
+                     (kernel_dims.head_dim == 64 || (kernel_dims.head_dim <= 128 && p.seqlen_k >= 2048));
+  // Else, 176-key tiles at D=128 where a query row sees over 4k keys on average (+3–9% over two
+  // consumers with 128-key tiles); not below, where each tile's wait for its output store and
+  // next Q (one Q buffer) costs more (up to −14% at 512 keys; docs/notes.md).
+  const bool wide = !three && kernel_dims.head_dim == 128 &&
+                    p.seqlen_k - (p.causal ? p.seqlen_q / 2 : 0) > 4096;
   return HopperHeadDims::dispatch(kernel_dims, [&](auto tag) {
     using T = typename decltype(tag)::Elem;
     constexpr int kHeadDim = decltype(tag)::kHeadDim;
