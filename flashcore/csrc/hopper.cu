@@ -71,15 +71,16 @@
 // below D=64.
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 07:38, cuDNN in the same run): forward 0.986–1.19× cuDNN
-// over the BENCH grid (D=64 non-causal 394–513 TFLOP/s, D=128 472–626), ≥ 1.0× at 21 and 23 of
-// 24 points (below in both: D=128 non-causal S=512, where each tile's first Q·Kᵀ, last P·V and
-// epilogue stand alone and the launch sits at the GPU's ridge, 256 FLOP per byte of HBM
-// traffic; 18–23 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
-// launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
-// 1.35–2.0×); mission shape 4.1 / 4.0 µs against cuDNN's 9.2 / 9.5 (what bounds it:
-// docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
-// reaches the GPU's matmul rate (~710 TFLOP/s).
+// Measured (H100, two sweeps 2026-11-26 09:10, cuDNN in the same run): forward 0.990–1.30× cuDNN
+// over the BENCH grid (D=64 non-causal 407–499 TFLOP/s, D=128 469–649), ≥ 1.0× at 24 and 23 of
+// 24 points (below in the second: D=128 non-causal S=512, 0.990, and 0.975 there by the median
+// of 6 alternated repetitions, where each tile's first Q·Kᵀ, last P·V and epilogue stand alone
+// and the launch sits at the GPU's ridge, 256 FLOP per byte of HBM traffic; 18–23 in the
+// previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small launches 1.04–1.29×); D=80, 96
+// and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches 1.35–2.0×); mission shape 4.14 /
+// 4.04 µs against cuDNN's 9.24 / 9.48 (what bounds it: docs/notes.md); few-tile long-key shapes
+// 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul rate (~710
+// TFLOP/s).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
