@@ -80,7 +80,7 @@ def test_more_tiles_than_sms(rung, causal):
                                                 (80, (2, 16, 4, 1000, 3000), False)],
                          ids=["d64-full", "d64-causal", "d64-causal-dynamic", "d64-7-keys", "d128-full",
                               "d128-causal", "d128-sq127", "d128-long-keys", "d96-causal", "d80-full"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_many_tiles_three_consumers(rung, dtype, dim, shape, causal):
     """Enough 192-row tiles to fill the GPU, where `hopper` runs three consumer warpgroups per

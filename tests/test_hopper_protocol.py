@@ -98,9 +98,15 @@ class Kernel:
     def row_elems(self) -> int:  # a row in shared memory: whole 64-column chunks
         return -(-self.dim // 64) * 64
 
-    def bytes_with(self, q_like_buffers: int) -> int:  # Q and output buffers, K/V, barriers
+    @property
+    def ones_bytes(self) -> int:  # the fp16 kernel's block of ones for the row sums in P·V (its
+        # bf16 twin, without it, gets the same buffers)
+        return self.keys * 64 * 2 if self.dim == 64 and self.consumers == 3 else 0
+
+    def bytes_with(self, q_like_buffers: int) -> int:  # Q and output buffers, K/V, ones, barriers
         q = self.consumers * 64 * self.row_elems * 2
-        return q_like_buffers * q + 2 * self.stages * self.keys * self.row_elems * 2 + 1024
+        kv = 2 * self.stages * self.keys * self.row_elems * 2
+        return q_like_buffers * q + kv + self.ones_bytes + 1024
 
     @property
     def q_buffers(self) -> int:  # two where they fit in 227 KB
