@@ -121,6 +121,13 @@ class Kernel:
         return self.consumers == 2 and self.dim <= 128
 
     @property
+    def fragments_in_q(self) -> bool:  # sharing rows, the first consumer done leaves its registers
+        # in the spare Q buffer where they fit and no split follows, else over K/V
+        fragments = (self.dim // 4 * self.thread_rows + 4) * 128 * 4
+        splits = self.few_tile_modes and self.thread_rows == 2
+        return not splits and self.q_buffers == 2 and fragments <= self.consumers * 64 * self.row_elems * 2
+
+    @property
     def pv_before_s(self) -> bool:  # a turn: the last P·V, waited for, then the next S
         return self.consumers == 3 and self.dim > 64
 
@@ -156,12 +163,16 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
                 q_full[qb].arrive()  # Q (its bytes land at once in this model), or the end
                 if rnd >= len(cta_tiles):
                     break
-                for _ in range(cta_tiles[rnd][0]):
-                    stage = kv % stages
-                    for empty, full in ((k_empty, k_full), (v_empty, v_full)):
-                        yield from empty[stage].wait(ring_phase(kv, stages) ^ 1)
-                        full[stage].arrive()
-                    kv += 1
+                count = cta_tiles[rnd][0]
+                # K then V of each key tile; one row per thread sharing rows, where the ring holds
+                # them all, K two key tiles ahead of V
+                lead = 2 if kernel.thread_rows == 1 and shared and count <= stages else 0
+                for i in range(count + lead):
+                    for (empty, full), j in (((k_empty, k_full), i), ((v_empty, v_full), i - lead)):
+                        if 0 <= j < count:
+                            yield from empty[(kv + j) % stages].wait(ring_phase(kv + j, stages) ^ 1)
+                            full[(kv + j) % stages].arrive()
+                kv += count
             if split:  # the producer warpgroup's two cluster barriers, after its last arrival
                 yield from cluster.sync()
                 yield from cluster.sync()
@@ -225,14 +236,18 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
                     yield from v_full[stage].wait(ring_phase(kv, stages))
                     pass_turn()
                     v_empty[stage].arrive(WARPS)
-                if shared:  # spare turns keep the two alternating; then consumer 1 → 0
+                if shared:  # spare turns keep the two alternating; then the first done → the other
                     tiles_of = [max(0, ceil_div(keys - x, step)) for x in range(K)]
                     turns = [n + 1 if n else 0 for n in tiles_of]  # and one for the last P·V
                     for _ in range(turns[c], turns[1 - c]):
                         yield from turn[c].sync()
                         pass_turn()
-                    yield from merge.sync()
-                    yield from merge.sync()
+                    if not kernel.fragments_in_q:  # its registers go over K/V: both done with them
+                        yield from merge.sync()
+                    if c == 1 - keys % 2:  # the merger waits for them
+                        yield from merge.sync()
+                    else:
+                        merge.arrive()
                 if split:
                     if q_back_before_cluster and not q_back_early:
                         q_empty[qb].arrive(WARPS)
@@ -240,7 +255,7 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
                     if not q_back_before_cluster and not q_back_early:
                         q_empty[qb].arrive(WARPS)
                     continue
-                if not q_back_early:  # after the output's store (or none: consumer 1, shared)
+                if not q_back_early:  # after the output's store (or none: the other, shared)
                     q_empty[qb].arrive(WARPS)
             if split:  # the second cluster barrier, before the merge
                 yield from cluster.sync()

@@ -31,13 +31,16 @@
 //     where those heads' K/V outgrow half of L2, within sections of the heads that fit, taken
 //     from a counter (zeroed per launch) as CTAs come free.
 //   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
-//     as 64 rows), taking every other key tile, and consumer 1's registers join consumer 0's
-//     through shared memory. Many keys too: a cluster of 2–8 CTAs per tile, each taking a share
-//     (≥ 4) of the key tiles; their unnormalised (O, max, sum) rows meet through distributed
-//     shared memory and are merged in the same kernel (no second launch, no memset).
+//     as 64 rows), taking every other key tile, and the one done first hands its registers to
+//     the other through shared memory (in the spare Q buffer where they fit, so without waiting
+//     for the other to leave K/V: mission −1%). Many keys too: a cluster of 2–8 CTAs per
+//     tile, each taking a share (≥ 4) of the key tiles; their unnormalised (O, max, sum) rows
+//     meet through distributed shared memory and are merged in the same kernel (no second
+//     launch, no memset).
 //     Fewer still (over half the SMs idle, no split): kernels with one query row per thread,
 //     each consumer's 64-row wgmma carrying 32 query rows (Q's 8-row groups read 512 bytes
-//     apart, every other one padding), so twice the CTAs share the softmax (mission −15 to −20%).
+//     apart, every other one padding), so twice the CTAs share the softmax (mission −15 to −20%),
+//     with K loaded two key tiles ahead of V, the order the consumers' turns need them (−2%).
 //   - Programmatic dependent launch: the next kernel in the stream may launch once every CTA
 //     has set up its barriers, and each thread waits for the previous kernel before touching
 //     global memory, so launches and set-up overlap the kernel before (mission 6.2 → 5.6 µs);
@@ -71,16 +74,16 @@
 // below D=64.
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 09:10, cuDNN in the same run): forward 0.990–1.30× cuDNN
-// over the BENCH grid (D=64 non-causal 407–499 TFLOP/s, D=128 469–649), ≥ 1.0× at 24 and 23 of
-// 24 points (below in the second: D=128 non-causal S=512, 0.990, and 0.975 there by the median
-// of 6 alternated repetitions, where each tile's first Q·Kᵀ, last P·V and epilogue stand alone
-// and the launch sits at the GPU's ridge, 256 FLOP per byte of HBM traffic; 18–23 in the
-// previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small launches 1.04–1.29×); D=80, 96
-// and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches 1.35–2.0×); mission shape 4.14 /
-// 4.04 µs against cuDNN's 9.24 / 9.48 (what bounds it: docs/notes.md); few-tile long-key shapes
-// 1.5–1.6× cuDNN. Without its softmax the steady loop reaches the GPU's matmul rate (~710
-// TFLOP/s).
+// Measured (H100, two sweeps 2026-11-26 10:03, cuDNN in the same run): forward 0.986–1.17× cuDNN
+// over the BENCH grid (D=64 non-causal 415–512 TFLOP/s, D=128 478–656), ≥ 1.0× at 24 and 22 of
+// 24 points (below in the second: D=128 S=512, non-causal 0.986 and causal 0.997; non-causal
+// S=512 reads 0.975 by the median of 6 alternated repetitions, where each tile's first Q·Kᵀ,
+// last P·V and epilogue stand alone and the launch sits at the GPU's ridge, 256 FLOP per byte
+// of HBM traffic; 18–24 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
+// launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
+// 1.35–2.0×); mission shape 3.95 / 3.93 µs against cuDNN's 9.09 / 9.37 (4.0–4.1 on slower
+// machine starts; what bounds it: docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN.
+// Without its softmax the steady loop reaches the GPU's matmul rate (~710 TFLOP/s).
 // History: docs/notes.md.
 #include <cudaTypedefs.h>
 
@@ -187,16 +190,24 @@ struct SharedStorage {
   // Split keys, over buffers free by then. Cluster (over Q, K and V): the unnormalised results
   // of its CTAs for the rows this CTA merges (row j·R + r: CTA j's result for row r of this
   // CTA's share of R rows); rows padded by 8 floats so a warp's row-strided writes spread over
-  // the banks. Shared rows (over K and V): consumer 1's accumulator registers for consumer 0.
+  // the banks. Shared rows: the accumulator registers (of its query rows) of the consumer that
+  // finishes first, for the other; in the second Q buffer where they fit and no split comes
+  // after (a CTA sharing rows has one tile, so that buffer never loads: they are written as
+  // soon as that consumer is done), else over K and V once both consumers are done with those.
   struct Partial {
     float o[C::kBlockM][C::kHeadDim + 8];
     float max[C::kBlockM], sum[C::kBlockM];  // log2-scaled running max, full row sum
   };
-  using Fragments = float[C::kHeadDim / 2 + 4][kWarpgroupThreads];  // O, then max and sum of 2 rows
+  static constexpr int kOFragments = C::kHeadDim / 4 * C::kThreadRows;
+  using Fragments = float[kOFragments + 4][kWarpgroupThreads];  // O, then max and sum of each row
+  static constexpr bool kFragmentsInQ = !C::kSplitKeys && kQBuffers == 2 && sizeof(Fragments) <= sizeof(q[0]);
   static_assert(sizeof(Partial) <= sizeof(q) + sizeof(k) + sizeof(v) &&
                 sizeof(Fragments) <= sizeof(k) + sizeof(v), "split-key results must fit");
   __device__ Partial& partial() { return *reinterpret_cast<Partial*>(q); }
-  __device__ Fragments& fragments() { return *reinterpret_cast<Fragments*>(k); }
+  __device__ Fragments& fragments() {
+    if constexpr (kFragmentsInQ) return *reinterpret_cast<Fragments*>(q[kQBuffers - 1]);
+    else return *reinterpret_cast<Fragments*>(k);
+  }
   // Chunk c of the output staging of a consumer's rows from `first_row` of Q buffer qb's tile.
   __device__ T* output(int qb, int first_row, int c) {
     if constexpr (kOwnOutput) return o[first_row / C::kConsumerRows][c];
@@ -345,20 +356,29 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
 #pragma unroll
     for (int c = 0; c < Smem::kChunks; ++c)
       tma_load(s.q[qb][c], &maps.q, &s.q_full[qb], c * kChunkElems, t.row, t.head, t.batch);
-    for (int n = keys.end - 1; n >= keys.begin; --n, ++kv_iter) {
-      const int stage = kv_iter % Smem::kStages;
-      // Key tile n of K (then V) into the stage, once the consumers have handed it back.
-      const auto load = [&](auto& dst, const CUtensorMap* map,
-                            uint64_t* full, uint64_t* empty) {
-        mbar_wait(empty, ring_phase(kv_iter, Smem::kStages) ^ 1);
-        mbar_arrive_expect_tx(full, kKVBytes);
+    // Key tile n = keys.end − 1 − i (the tile's i-th, last first) of K or V into its stage,
+    // once the consumers have handed that stage back.
+    const auto load = [&](bool is_k, int i) {
+      const int iter = kv_iter + i, stage = iter % Smem::kStages;
+      uint64_t* full = is_k ? &s.k_full[stage] : &s.v_full[stage];
+      mbar_wait(is_k ? &s.k_empty[stage] : &s.v_empty[stage], ring_phase(iter, Smem::kStages) ^ 1);
+      mbar_arrive_expect_tx(full, kKVBytes);
 #pragma unroll
-        for (int c = 0; c < Smem::kChunks; ++c)
-          tma_load(dst[c], map, full, c * kChunkElems, n * C::kBlockN, head_kv, t.batch);
-      };
-      load(s.k[stage], &maps.k, &s.k_full[stage], &s.k_empty[stage]);
-      load(s.v[stage], &maps.v, &s.v_full[stage], &s.v_empty[stage]);
+      for (int c = 0; c < Smem::kChunks; ++c)
+        tma_load(is_k ? s.k[stage][c] : s.v[stage][c], is_k ? &maps.k : &maps.v, full,
+                 c * kChunkElems, (keys.end - 1 - i) * C::kBlockN, head_kv, t.batch);
+    };
+    // In the order the consumers first need them: K then V of each key tile; but consumers
+    // sharing rows take alternate key tiles, each turn a Q·Kᵀ with the P·V of the tile two
+    // before, so in the one-row kernels, where the ring holds all the tile's key tiles, K runs
+    // two tiles ahead of V (mission −2%; two rows per thread lost 2% at 16 causal heads).
+    const int count = max(0, keys.end - keys.begin);
+    const int lead = C::kThreadRows == 1 && shares_rows<C>(w) && count <= Smem::kStages ? 2 : 0;
+    for (int i = 0; i < count + lead; ++i) {
+      if (i < count) load(true, i);
+      if (i >= lead) load(false, i - lead);
     }
+    kv_iter += count;
     index = next;
   }
 }
@@ -675,26 +695,32 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       if constexpr (C::kSumsInPv) row[i].sum = o[kHeadDim / 2 + 2 * i];
       else row[i].sum = quad_sum(row[i].sum);
     }
-    if (shared) {  // consumer 1's results join consumer 0's, register by register
+    // Sharing rows, the consumer that finishes first (under the turns consumer 0 when the tile
+    // has an even number of key tiles, else consumer 1) leaves its results to the other, which
+    // merges them register by register and stores the output.
+    const int merger = 1 - (keys.end - keys.begin) % 2;
+    if (shared) {
       // Fragment f of the query rows' output registers: register 4t + 2i + j, f = 2(kRows·t + i) + j.
       auto& frag = s.fragments();
-      named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);  // both are done with K/V
-      if (consumer == 1) {
+      constexpr int kMax = Smem::kOFragments, kSum = kMax + 2;  // fragments of the rows' max, sum
+      if constexpr (!Smem::kFragmentsInQ)
+        named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);  // both are done with K/V
+      if (consumer != merger) {
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r)
           if ((r / 2) % 2 < kRows) frag[r / 4 * 2 * kRows + r % 4][thread] = o[r];
 #pragma unroll
         for (int i = 0; i < kRows; ++i) {
-          frag[kHeadDim / 2 + i][thread] = row[i].max;
-          frag[kHeadDim / 2 + 2 + i][thread] = row[i].sum;
+          frag[kMax + i][thread] = row[i].max;
+          frag[kSum + i][thread] = row[i].sum;
         }
-      }
-      named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);
-      if (consumer == 0) {
+        named_barrier_arrive(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);
+      } else {
+        named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);
         float mine[2], theirs[2];
 #pragma unroll
         for (int i = 0; i < kRows; ++i)
-          row[i].merge({frag[kHeadDim / 2 + i][thread], frag[kHeadDim / 2 + 2 + i][thread]}, mine[i], theirs[i]);
+          row[i].merge({frag[kMax + i][thread], frag[kSum + i][thread]}, mine[i], theirs[i]);
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r)
           if ((r / 2) % 2 < kRows)
@@ -704,7 +730,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     if (splits_keys<C>(w)) {  // cluster: send each row's result to the CTA merging it
       release_q_late();    // before the cluster barrier, which the producer joins once Q is back
       cluster_sync_relaxed();  // every CTA of the cluster is done with its Q and K/V stages
-      if (!shared || consumer == 0) {
+      if (!shared || consumer == merger) {
         auto& part = s.partial();
         const int rows = w.tile_rows >> w.splits_log2, rank = split_rank(w);
 #pragma unroll
@@ -721,7 +747,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
       }
       continue;  // one tile per CTA in this mode
     }
-    if (shared && consumer == 1) {  // its results went to consumer 0
+    if (shared && consumer != merger) {  // its results went to the other
       release_q_late();
       continue;
     }
@@ -730,8 +756,10 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     float out_scale[2];
 #pragma unroll
     for (int i = 0; i < kRows; ++i) out_scale[i] = row[i].output_scale();
-    if (thread == 0) tma_store_wait_read();  // the previous tile's store has read its buffer
-    named_barrier_sync(own_barrier, kWarpgroupThreads);
+    if (!Smem::kOwnOutput || round > 0) {  // a buffer of its own is free in the first round
+      if (thread == 0) tma_store_wait_read();  // the previous tile's store has read its buffer
+      named_barrier_sync(own_barrier, kWarpgroupThreads);
+    }
 #pragma unroll
     for (int r = 0; r < kHeadDim / 2; r += 2) {
       const int i = (r / 2) % 2, c = (r / 4) * 8 + col;
