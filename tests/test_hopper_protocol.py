@@ -133,7 +133,7 @@ class Kernel:
 
 
 def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: int | None,
-        q_back_before_cluster: bool = True) -> str:
+        q_back_before_cluster: bool = True, dynamic: bool = False) -> str:
     """One launch: tiles[cta] lists the tiles that CTA walks (a split launch: one tile per CTA,
     all of them one cluster), each as (its key tiles, then how many of them each consumer's
     rows reach: fewer for a causal tile's early rows, none for rows past the last query).
@@ -185,10 +185,15 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
             kv_iter = 0
             for rnd in itertools.count():
                 qb = rnd % q_buffers
-                yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
-                if published[qb] >= len(cta_tiles):
+                if dynamic:  # the tile comes from the producer, with its Q
+                    yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
+                    if published[qb] >= len(cta_tiles):
+                        break
+                elif rnd >= len(cta_tiles):  # static: each consumer works out the same tiles
                     break
-                keys, *reach = cta_tiles[published[qb]]
+                else:
+                    yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
+                keys, *reach = cta_tiles[rnd]
                 passed = 0 if shared else keys - reach[c]  # key tiles past its rows' reach
                 mine = max(0, ceil_div(keys - passed - skip, step))
                 kv, kv_iter = kv_iter + skip, kv_iter + keys
@@ -295,7 +300,7 @@ def launches(kernel: Kernel, mode: str, rng: random.Random) -> list[list[tuple[i
                  for _ in range(kernel.consumers)]
         return keys, *(max(0, min(keys, r)) for r in reach)
 
-    if mode == "persistent":  # one CTA walking several tiles, some with no keys (causal Sq > Sk)
+    if mode.startswith("persistent"):  # one CTA walking several tiles, some with no keys (causal Sq > Sk)
         return [[tile(rng.choice([0, 1, 2, 3, 4, 5, 9])) for _ in range(rng.randint(1, 5))]]
     ctas = rng.choice([2, 4]) if "split" in mode else 1  # a split: one tile per CTA, one cluster
     return [[tile(rng.choice([0, 1, 2, 3, 4, 5, 7]))] for _ in range(ctas)]
@@ -304,7 +309,7 @@ def launches(kernel: Kernel, mode: str, rng: random.Random) -> list[list[tuple[i
 def modes(kernel: Kernel) -> list[str]:
     splits = ["split", "shared+split"] if kernel.thread_rows == 2 else []
     few = ["shared", *splits] if kernel.few_tile_modes else []
-    return ["persistent", *few]
+    return ["persistent", "persistent+dynamic", *few]
 
 
 CASES = [(Kernel(*k), mode) for k in HOPPER_KERNELS for mode in modes(Kernel(*k))]
@@ -317,7 +322,7 @@ def test_no_interleaving_deadlocks(kernel, mode):
     for trial in range(50):
         tiles = launches(kernel, mode, rng)
         for seed in (None, trial):  # a fixed order, then a random one
-            assert run(kernel, tiles, mode.startswith("shared"), seed) == "ok", (tiles, seed)
+            assert run(kernel, tiles, mode.startswith("shared"), seed, dynamic="dynamic" in mode) == "ok", (tiles, seed)
 
 
 def test_the_model_finds_the_one_q_buffer_split_deadlock():
