@@ -77,7 +77,7 @@
 // Measured (H100, two sweeps 2026-11-26 10:03, cuDNN in the same run): forward 0.986–1.17× cuDNN
 // over the BENCH grid (D=64 non-causal 415–512 TFLOP/s, D=128 478–656), ≥ 1.0× at 24 and 22 of
 // 24 points (below in the second: D=128 S=512, non-causal 0.986 and causal 0.997; non-causal
-// S=512 reads 0.975 by the median of 6 alternated repetitions, where each tile's first Q·Kᵀ,
+// S=512 reads 0.984–0.989 by medians of 6 alternated repetitions, where each tile's first Q·Kᵀ,
 // last P·V and epilogue stand alone and the launch sits at the GPU's ridge, 256 FLOP per byte
 // of HBM traffic; 18–24 in the previous builds' sweeps); D=256 1.01–1.08× (run 06:55; small
 // launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run 05:45, 1k–4k keys; small launches
