@@ -25,11 +25,11 @@
 //     or the consumer's rows of Q), stored by TMA (rows past the end are clipped); LSE from
 //     registers.
 //   - Persistent grid: one CTA per SM (non-causal over more tiles than SMs, as many as the rounds
-//     need: D=64 S=512 +3%); the producer picks each tile and hands its index to the
-//     consumers with its Q. Static rounds alternating direction; causal: longest tiles first
-//     within sections of half a round of heads (balanced loads, a head's K/V stays in L2), or,
-//     where those heads' K/V outgrow half of L2, within sections of the heads that fit, taken
-//     from a counter (zeroed per launch) as CTAs come free.
+//     need: D=64 S=512 +3%). Static rounds alternating direction, each tile worked out by the
+//     producer and the consumers alike; causal: longest tiles first within sections of half a
+//     round of heads (balanced loads, a head's K/V stays in L2), or, where those heads' K/V
+//     outgrow half of L2, within sections of the heads that fit, taken from a counter (zeroed
+//     per launch) as CTAs come free, the producer handing each index to the consumers with its Q.
 //   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
 //     as 64 rows), taking every other key tile, and the one done first hands its registers to
 //     the other through shared memory (in the spare Q buffer where they fit, so without waiting
