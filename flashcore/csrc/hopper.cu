@@ -490,7 +490,7 @@ __device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&fact
 // Ping-pong: the consumers take turns issuing their GEMMs (hardware barriers kTurn + c), so
 // one's softmax runs while the other's GEMMs keep the tensor cores busy.
 // Barrier 0 is __syncthreads, 1 + c consumer c's own; then one turn barrier per consumer, and
-// the shared-rows merge (consumer 1 → 0).
+// the shared-rows merge (the consumer done first → the other).
 template <int kConsumers> constexpr int kTurnBarrier = 1 + kConsumers;
 template <int kConsumers> constexpr int kMergeBarrier = kTurnBarrier<kConsumers> + kConsumers;
 template <int kConsumers>
