@@ -179,7 +179,7 @@ struct SharedStorage {
   T k[kStages][kChunks][C::kBlockN * kChunkElems];
   T v[kStages][kChunks][C::kBlockN * kChunkElems];
   std::conditional_t<kOwnOutput, T[C::kConsumers][kChunks][C::kConsumerRows * kChunkElems], char> o;
-  int tile[kQBuffers];  // the tile whose Q is in each buffer, published with q_full
+  int tile[kQBuffers];  // tiles from the counter: the one whose Q is in each buffer, with q_full
   uint64_t q_full[kQBuffers], q_empty[kQBuffers];
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
   // C::kSumsInPv: a 64-column chunk of ones for every key of a tile, P·V's B past V's columns
@@ -339,7 +339,9 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
     // The tile goes to the consumers with its Q; past the last one, an arrival without Q.
     const int qb = round % Smem::kQBuffers;
     mbar_wait(&s.q_empty[qb], ring_phase(round, Smem::kQBuffers) ^ 1);
-    atomicExch(&s.tile[qb], index);  // atomic: see consume
+    // Tiles from the counter go to the consumers with their Q (atomic: see consume); static ones
+    // the consumers work out themselves.
+    if (w.next_tile) atomicExch(&s.tile[qb], index);
     if (index >= w.tiles) {
       mbar_arrive(&s.q_full[qb]);
       return;
