@@ -185,14 +185,11 @@ def run(kernel: Kernel, tiles: list[list[tuple[int, ...]]], shared: bool, seed: 
             kv_iter = 0
             for rnd in itertools.count():
                 qb = rnd % q_buffers
-                if dynamic:  # the tile comes from the producer, with its Q
-                    yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
-                    if published[qb] >= len(cta_tiles):
-                        break
-                elif rnd >= len(cta_tiles):  # static: each consumer works out the same tiles
+                if not dynamic and rnd >= len(cta_tiles):  # static: each consumer works out the tiles
                     break
-                else:
-                    yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
+                yield from q_full[qb].wait(ring_phase(rnd, q_buffers))
+                if dynamic and published[qb] >= len(cta_tiles):  # the tile came from the producer, with its Q
+                    break
                 keys, *reach = cta_tiles[rnd]
                 passed = 0 if shared else keys - reach[c]  # key tiles past its rows' reach
                 mine = max(0, ceil_div(keys - passed - skip, step))

@@ -704,13 +704,14 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
     if (shared) {
       // Fragment f of the query rows' output registers: register 4t + 2i + j, f = 2(kRows·t + i) + j.
       auto& frag = s.fragments();
+      const auto o_fragment = [&](int r) -> float& { return frag[r / 4 * 2 * kRows + r % 4][thread]; };
       constexpr int kMax = Smem::kOFragments, kSum = kMax + 2;  // fragments of the rows' max, sum
       if constexpr (!Smem::kFragmentsInQ)
         named_barrier_sync(kMergeBarrier<kConsumers>, 2 * kWarpgroupThreads);  // both are done with K/V
       if (consumer != merger) {
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r)
-          if ((r / 2) % 2 < kRows) frag[r / 4 * 2 * kRows + r % 4][thread] = o[r];
+          if ((r / 2) % 2 < kRows) o_fragment(r) = o[r];
 #pragma unroll
         for (int i = 0; i < kRows; ++i) {
           frag[kMax + i][thread] = row[i].max;
@@ -726,7 +727,7 @@ __device__ void consume(const AttnParams& p, const TensorMaps& maps, SharedStora
 #pragma unroll
         for (int r = 0; r < kHeadDim / 2; ++r)
           if ((r / 2) % 2 < kRows)
-            o[r] = o[r] * mine[(r / 2) % 2] + frag[r / 4 * 2 * kRows + r % 4][thread] * theirs[(r / 2) % 2];
+            o[r] = o[r] * mine[(r / 2) % 2] + o_fragment(r) * theirs[(r / 2) % 2];
       }
     }
     if (splits_keys<C>(w)) {  // cluster: send each row's result to the CTA merging it
