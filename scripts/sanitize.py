@@ -7,11 +7,13 @@ at D=128 (one row per thread, 64-row tiles) and D=80; few query tiles against ma
 (split-KV clusters merging through distributed shared memory, GQA, Sq ≠ Sk), also at D=88 (the
 D=96 kernel, its last 8 columns zero-padded); a persistent grid walking several tiles per CTA,
 at D=40 (three consumers: 192-row tiles fill the GPU; fp16, so P·V keeps the row sums); one
-whose causal tiles are handed out dynamically; D=256 and 160 over several tiles per CTA (each
-output staged in its tile's Q buffer; at D=160 one of two); D=128 with 176-key tiles over 8k
-keys (the same staging, and its split-KV cluster); query rows that end inside a tile, so that
-one consumer has no rows of its own there (it passes its turns and hands the stages back); and
-D=128 and 96 with three consumers (each turn's P·V waited for before its S; output staged in Q)."""
+whose causal tiles are handed out dynamically, and non-causal D=128 tiles of 4 key tiles, more
+than SMs, taken from a counter too (a stream's eager launches share one, each leaving it at
+zero); D=256 and 160 over several tiles per CTA (each output staged in its tile's Q buffer; at
+D=160 one of two); D=128 with 176-key tiles over 8k keys (the same staging, and its split-KV
+cluster); query rows that end inside a tile, so that one consumer has no rows of its own there
+(it passes its turns and hands the stages back); and D=128 and 96 with three consumers (each
+turn's P·V waited for before its S; output staged in Q)."""
 
 import sys
 
@@ -21,9 +23,9 @@ import flashcore
 
 SHAPES = [(1, 8, 8, 512, 512, 64), (1, 16, 16, 512, 512, 64), (1, 8, 8, 512, 512, 128),
           (1, 8, 8, 512, 512, 80), (1, 2, 1, 200, 4000, 128), (1, 2, 1, 200, 4000, 88),
-          (2, 24, 4, 520, 640, 40), (1, 60, 60, 300, 1024, 128), (2, 40, 8, 520, 700, 256),
-          (1, 4, 2, 300, 8200, 128), (1, 40, 8, 1050, 600, 128), (1, 48, 12, 400, 2100, 128),
-          (1, 48, 12, 400, 2100, 96), (1, 24, 8, 520, 700, 160)]
+          (2, 24, 4, 520, 640, 40), (1, 60, 60, 300, 1024, 128), (1, 36, 36, 512, 512, 128),
+          (2, 40, 8, 520, 700, 256), (1, 4, 2, 300, 8200, 128), (1, 40, 8, 1050, 600, 128),
+          (1, 48, 12, 400, 2100, 128), (1, 48, 12, 400, 2100, 96), (1, 24, 8, 520, 700, 160)]
 
 rung = sys.argv[1] if len(sys.argv) > 1 else "hopper"
 for batch, heads_q, heads_kv, seqlen_q, seqlen_k, dim in SHAPES:

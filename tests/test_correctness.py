@@ -238,6 +238,40 @@ def test_causal_tiles_handed_out_dynamically(rung):
     check_forward(rung, q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("shape, causal", [((1, 36, 36, 512, 512, 128), False),
+                                           ((1, 60, 60, 300, 1024, 128), True)],
+                         ids=["d128-short-tiles", "causal-sections"])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_calls_back_to_back_on_two_streams(rung, shape, causal):
+    """Four calls back to back on each of two streams at once, each on its own inputs and into
+    NaN-filled memory. Where `hopper` takes tiles from a counter (non-causal D=128 over at most
+    4 key tiles with more tiles than SMs; causal with K/V beyond half of L2), eager calls on one
+    stream share one, which each launch's last CTA leaves at zero for the next: left anywhere
+    else, the next launch would skip tiles and leave NaN."""
+    inputs = [make_qkv(*shape, dtype=torch.float16, device="cuda") for _ in range(8)]
+    reason = flashcore.backends.BACKENDS[rung].why_not(*inputs[0], causal)
+    if reason is not None:
+        pytest.skip(reason)
+    flashcore.attention(*inputs[0], causal=causal, backend=rung)  # first-call allocations
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    poisoned = set()
+    for stream in streams:  # blocks of the output's size, NaN-filled and freed on each stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            blocks = [torch.full(inputs[0][0].shape, float("nan"), dtype=torch.float16, device="cuda")
+                      for _ in range(4)]
+            poisoned |= {block.data_ptr() for block in blocks}
+            del blocks
+    outs = []
+    for i, qkv in enumerate(inputs):
+        with torch.cuda.stream(streams[i % 2]):
+            outs.append(flashcore.attention(*qkv, causal=causal, backend=rung))
+    torch.cuda.synchronize()
+    assert {out.data_ptr() for out in outs} == poisoned, "the outputs did not land in the poisoned blocks"
+    for out, qkv in zip(outs, inputs):
+        assert rel_error(out, flashcore.reference_attention(*qkv, causal=causal)) < 2e-3
+
+
 @pytest.mark.parametrize("rung", RUNGS)
 def test_output_is_laid_out_like_q(rung):
     q, k, v = make_qkv(1, 4, 4, 64, 64, 64, dtype=torch.float16, device="cuda", layout="bshd")
@@ -387,11 +421,12 @@ def test_unaligned_rows_fall_back_from_wmma():
 
 
 @pytest.mark.parametrize("shape, causal", [((1, 8, 8, 512, 512, 64), False),
+                                           ((1, 36, 36, 512, 512, 128), False),
                                            ((1, 60, 60, 300, 1024, 128), True)],
-                         ids=["mission", "dynamic-tiles"])
+                         ids=["mission", "d128-short-tiles", "causal-sections"])
 def test_cuda_graph_capture(shape, causal):
     """Replays see new inputs, and each replay starts its own schedule (a tile counter, if any,
-    is zeroed inside the graph)."""
+    is the graph's own, zeroed inside it)."""
     q, k, v = make_qkv(*shape, dtype=torch.float16, device="cuda")
     for rung in RUNGS:
         flashcore.attention(q, k, v, causal=causal, backend=rung)  # warm up outside capture

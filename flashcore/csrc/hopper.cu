@@ -28,8 +28,11 @@
 //     need: D=64 S=512 +3%). Static rounds alternating direction, each tile worked out by the
 //     producer and the consumers alike; causal: longest tiles first within sections of half a
 //     round of heads (balanced loads, a head's K/V stays in L2), or, where those heads' K/V
-//     outgrow half of L2, within sections of the heads that fit, taken from a counter (zeroed
-//     per launch) as CTAs come free, the producer handing each index to the consumers with its Q.
+//     outgrow half of L2, within sections of the heads that fit, taken from a counter as CTAs
+//     come free, the producer handing each index to the consumers with its Q. Non-causal tiles
+//     of at most 4 key tiles (D > 64) come from the counter too, on every SM (D=128 S=512 +2%).
+//     The counter is left at zero by each launch's last CTA, so eager launches on a stream share
+//     one and no memset precedes them.
 //   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
 //     as 64 rows), taking every other key tile, and the one done first hands its registers to
 //     the other through shared memory (in the spare Q buffer where they fit, so without waiting
@@ -88,6 +91,8 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "common.cuh"
@@ -231,7 +236,7 @@ struct Schedule {
   int splits_log2;                  // CTAs per tile (a cluster): 1 << splits_log2, 1: no split
   int section_heads, section_skew;  // causal order: heads per section, missing from the first
   FastDiv by_section_tiles, by_section_heads;  // section_heads · m_blocks, section_heads
-  int* next_tile;                   // dynamic scheduling: a zeroed counter; else null
+  int* next_tile;  // dynamic scheduling: the next tile and the CTAs done, both zero; else null
 };
 // The few-tile modes (compiled out of the kernels without them).
 template <class C> __device__ __forceinline__ bool shares_rows(const Schedule& w) {
@@ -343,6 +348,12 @@ __device__ void produce(const AttnParams& p, const TensorMaps& maps, SharedStora
     // the consumers work out themselves.
     if (w.next_tile) atomicExch(&s.tile[qb], index);
     if (index >= w.tiles) {
+      // Past its last draw: the last CTA to get here leaves the counter at zero for the next
+      // launch (see tile_counter), as no CTA draws again.
+      if (w.next_tile && atomicAdd(w.next_tile + 1, 1) == int(gridDim.x) - 1) {
+        w.next_tile[0] = 0;
+        w.next_tile[1] = 0;
+      }
       mbar_arrive(&s.q_full[qb]);
       return;
     }
@@ -963,6 +974,41 @@ int max_active_clusters(int splits, int smem_bytes, int device) {
   return entry - 1;
 }
 
+// The counter a dynamic launch draws its tiles from, at zero, and left at zero by the launch's
+// last CTA. Eager launches share one per device and stream (8 bytes, kept for the process's
+// life), zeroed once: their stream runs them one after another, each drawing only once the
+// previous kernel has ended (griddepcontrol.wait), so no memset comes before the kernel. A
+// launch being captured (its graph may replay on any stream, beside eager launches) or on the
+// per-thread default stream (one handle, a stream per thread) gets one of its own, zeroed in
+// stream order; `own` returns it, to be freed after the launch.
+cudaError_t tile_counter(int device, cudaStream_t stream, int** counter, int** own) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t s = cudaStreamIsCapturing(stream, &capture);
+  if (s != cudaSuccess) return s;
+  const bool shared = capture == cudaStreamCaptureStatusNone && stream != cudaStreamPerThread;
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, int*> counters;
+  std::unique_lock<std::mutex> lock(mutex, std::defer_lock);
+  if (shared) {
+    lock.lock();
+    const auto found = counters.find({device, stream});
+    if (found != counters.end()) {
+      *counter = found->second;
+      return cudaSuccess;
+    }
+  }
+  if ((s = cudaMallocAsync(counter, 2 * sizeof(int), stream)) != cudaSuccess) return s;
+  if ((s = cudaMemsetAsync(*counter, 0, 2 * sizeof(int), stream)) != cudaSuccess) {
+    cudaFreeAsync(*counter, stream);
+    return s;
+  }
+  if (shared)
+    counters[{device, stream}] = *counter;
+  else
+    *own = *counter;
+  return cudaSuccess;
+}
+
 // A launch's schedule, its CTAs (times splits), and whether it hands tiles out dynamically.
 struct Plan {
   Schedule w;
@@ -997,14 +1043,18 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   const int splits = 1 << w.splits_log2;
   // Non-causal over more tiles than SMs, as many CTAs as the rounds need (no part-empty last
   // round): the same rounds, each CTA reading HBM beside fewer others. Causal keeps every SM,
-  // which takes up the tiles' unequal lengths (−0.5 to −2.8% without; docs/notes.md).
-  const int ctas = splits > 1  ? w.tiles
-                   : p.causal ? std::min(w.tiles, sms)
-                              : ceil_div(w.tiles, ceil_div(w.tiles, sms));
+  // which takes up the tiles' unequal lengths (−0.5 to −2.8% without; docs/notes.md). So do
+  // tiles of at most 4 key tiles in the two-consumer kernels above D=64, taking tiles from the
+  // counter as they come free (S=512 D=80, 96, 128 +2–3%, S=320 D=160 +5%, D=256 ±0).
+  const bool short_tiles = !p.causal && splits == 1 && w.tiles > sms && key_tiles <= 4 &&
+                           C::kHeadDim > 64 && kConsumers == 2;
+  const int ctas = splits > 1                ? w.tiles
+                   : p.causal || short_tiles ? std::min(w.tiles, sms)
+                                             : ceil_div(w.tiles, ceil_div(w.tiles, sms));
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
   // of L2; then sections of the heads that fit, handed out dynamically.
   w.section_heads = std::max(1, ctas / 2);
-  bool dynamic = false;
+  bool dynamic = short_tiles;
   if (p.causal && w.tiles > ctas) {
     int l2_bytes = 0;
     cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
@@ -1047,20 +1097,16 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
       make_map(&maps.o, p.o, p.dtype, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_stride,
                C::kConsumerRows);
   if (!ok) return cudaErrorInvalidValue;
-  // Dynamic scheduling: a zeroed counter from the stream's memory pool, freed in stream order.
+  int* own_counter = nullptr;
   if (dynamic) {
-    cudaError_t s = cudaMallocAsync(&w.next_tile, sizeof(int), stream);
+    const cudaError_t s = tile_counter(device, stream, &w.next_tile, &own_counter);
     if (s != cudaSuccess) return s;
-    if ((s = cudaMemsetAsync(w.next_tile, 0, sizeof(int), stream)) != cudaSuccess) {
-      cudaFreeAsync(w.next_tile, stream);
-      return s;
-    }
   }
   const int splits = 1 << w.splits_log2;
   const ClusterLaunch<C> launch(ctas * splits, splits, kSmemBytes, stream);
   const cudaError_t launched = cudaLaunchKernelEx(&launch.config, hopper_kernel<C>, p, maps, w);
-  if (dynamic) {
-    const cudaError_t freed = cudaFreeAsync(w.next_tile, stream);
+  if (own_counter) {
+    const cudaError_t freed = cudaFreeAsync(own_counter, stream);
     if (launched == cudaSuccess) return freed;
   }
   return launched;
