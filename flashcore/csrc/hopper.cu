@@ -974,18 +974,24 @@ int max_active_clusters(int splits, int smem_bytes, int device) {
   return entry - 1;
 }
 
+// Whether launches on `stream` share its tile counter: not while it is being captured (the graph
+// may replay on any stream, beside eager launches), nor on the per-thread default stream (one
+// handle, a stream per thread).
+bool counter_per_stream(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  return stream != cudaStreamPerThread && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+         capture == cudaStreamCaptureStatusNone;
+}
+
 // The counter a dynamic launch draws its tiles from, at zero, and left at zero by the launch's
 // last CTA. Eager launches share one per device and stream (8 bytes, kept for the process's
 // life), zeroed once: their stream runs them one after another, each drawing only once the
-// previous kernel has ended (griddepcontrol.wait), so no memset comes before the kernel. A
-// launch being captured (its graph may replay on any stream, beside eager launches) or on the
-// per-thread default stream (one handle, a stream per thread) gets one of its own, zeroed in
-// stream order; `own` returns it, to be freed after the launch.
+// previous kernel has ended (griddepcontrol.wait), so no memset comes before the kernel. Other
+// launches get one of their own, zeroed in stream order; `own` returns it, to be freed after
+// the launch.
 cudaError_t tile_counter(int device, cudaStream_t stream, int** counter, int** own) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t s = cudaStreamIsCapturing(stream, &capture);
-  if (s != cudaSuccess) return s;
-  const bool shared = capture == cudaStreamCaptureStatusNone && stream != cudaStreamPerThread;
+  const bool shared = counter_per_stream(stream);
+  cudaError_t s;
   static std::mutex mutex;
   static std::map<std::pair<int, cudaStream_t>, int*> counters;
   std::unique_lock<std::mutex> lock(mutex, std::defer_lock);
@@ -1016,7 +1022,7 @@ struct Plan {
   bool dynamic;
 };
 template <class C>
-Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
+Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t stream) {
   Schedule w{};
   const int heads = p.batch * p.heads_q, key_tiles = ceil_div(p.seqlen_k, C::kBlockN);
   // Few tiles: 64-row tiles, with the consumers sharing rows and splitting keys, if they fit in
@@ -1045,9 +1051,10 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes) {
   // round): the same rounds, each CTA reading HBM beside fewer others. Causal keeps every SM,
   // which takes up the tiles' unequal lengths (−0.5 to −2.8% without; docs/notes.md). So do
   // tiles of at most 4 key tiles in the two-consumer kernels above D=64, taking tiles from the
-  // counter as they come free (S=512 D=80, 96, 128 +2–3%, S=320 D=160 +5%, D=256 ±0).
+  // counter as they come free, where it is their stream's (S=512 D=80, 96, 128 +2–3%, S=320
+  // D=160 +5%, D=256 ±0; with a memset before each kernel, in graphs, D=96 −5%).
   const bool short_tiles = !p.causal && splits == 1 && w.tiles > sms && key_tiles <= 4 &&
-                           C::kHeadDim > 64 && kConsumers == 2;
+                           C::kHeadDim > 64 && kConsumers == 2 && counter_per_stream(stream);
   const int ctas = splits > 1                ? w.tiles
                    : p.causal || short_tiles ? std::min(w.tiles, sms)
                                              : ceil_div(w.tiles, ceil_div(w.tiles, sms));
@@ -1079,7 +1086,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   const cudaError_t status = allow_shared_memory<hopper_kernel<C>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
 
-  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes);
+  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes, stream);
   // A launch that leaves over half the SMs idle without splitting keys runs on the kernel with
   // one query row per thread: twice the CTAs, each thread with half the softmax (mission shape
   // −15 to −20%). Not the 176-key kernel (it runs over > 4k keys, where such launches split),
