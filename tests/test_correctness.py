@@ -244,8 +244,8 @@ def test_causal_tiles_handed_out_dynamically(rung):
 @pytest.mark.parametrize("rung", RUNGS)
 def test_calls_back_to_back_on_two_streams(rung, shape, causal):
     """Four calls back to back on each of two streams at once, each on its own inputs and into
-    NaN-filled memory. Where `hopper` takes tiles from a counter (non-causal tiles of at most 4
-    key tiles above D=64, more than SMs; causal with K/V beyond half of L2), eager calls on one
+    NaN-filled memory. Where `hopper` takes tiles from a counter (eager launches with more tiles
+    than SMs: causal, and non-causal tiles of at most 4 key tiles above D=64), eager calls on one
     stream share one, which each launch's last CTA leaves at zero for the next: left anywhere
     else, the next launch would skip tiles and leave NaN."""
     inputs = [make_qkv(*shape, dtype=torch.float16, device="cuda") for _ in range(8)]

@@ -29,10 +29,10 @@
 //     producer and the consumers alike; causal: longest tiles first within sections of half a
 //     round of heads (balanced loads, a head's K/V stays in L2), or, where those heads' K/V
 //     outgrow half of L2, within sections of the heads that fit, taken from a counter as CTAs
-//     come free, the producer handing each index to the consumers with its Q. Non-causal tiles
-//     of at most 4 key tiles (D > 64) come from the counter too, on every SM (D=128 S=512 +2%).
-//     The counter is left at zero by each launch's last CTA, so eager launches on a stream share
-//     one and no memset precedes them.
+//     come free, the producer handing each index to the consumers with its Q. The counter is
+//     left at zero by each launch's last CTA, so eager launches on a stream share one and no
+//     memset precedes them; those take every causal tile from it (D=128 S=512 +1.3%), and
+//     non-causal tiles of at most 4 key tiles above D=64, on every SM (D=128 S=512 +2%).
 //   - Few tiles (few heads, short queries): the two consumers share a 64-row tile (its Q loaded
 //     as 64 rows), taking every other key tile, and the one done first hands its registers to
 //     the other through shared memory (in the spare Q buffer where they fit, so without waiting
@@ -226,10 +226,11 @@ struct TensorMaps {
 };
 
 // How a launch's tiles (batch·head, query tile) map to CTAs. Persistent (splits = 1): one CTA
-// per SM, taking one tile per round, or, where the tiles' lengths differ (causal) and their K/V
-// outgrow L2, taking the next tile from a counter when it is free. Few tiles: the two consumers
-// share 64-row tiles, each taking every other key tile; fewer still, a cluster of `splits`
-// CTAs per tile, each taking a share of its key tiles. One tile per CTA in both.
+// per SM, taking one tile per round, or the next tile from a counter when it is free (causal
+// where their K/V outgrow L2, and in eager launches causal and short non-causal tiles). Few
+// tiles: the two consumers share 64-row tiles, each taking every other key tile; fewer still,
+// a cluster of `splits` CTAs per tile, each taking a share of its key tiles. One tile per CTA
+// in both.
 struct Schedule {
   int tiles, m_blocks;
   FastDiv by_m_blocks, by_heads, by_group;  // m_blocks, heads_q, heads_q / heads_kv
@@ -257,8 +258,8 @@ __device__ __forceinline__ int tile_index(const Schedule& w, int round) {
 // share K/V in L2. Causal: within each section of heads, the longest tiles (last query rows)
 // first. Static: a section is half a round, so with the alternating rounds every CTA gets the
 // same mix of lengths, and a head's query tiles run at most a round apart (K/V still in L2).
-// Dynamic: a section is the heads whose K/V fit in half of L2; the first is the short one, so
-// the last tiles of all are a full section's shortest.
+// Dynamic: the same, or, where fewer heads' K/V fit in half of L2, a section is those heads; the
+// first is then the short one, so the last tiles of all are a full section's shortest.
 struct Tile {
   int batch, head, row;  // row: the tile's first query row
 };
@@ -1060,7 +1061,8 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t
                    : p.causal || short_tiles ? std::min(w.tiles, sms)
                                              : ceil_div(w.tiles, ceil_div(w.tiles, sms));
   // Causal sections (see tile_at): half a round of heads, unless their K/V would outgrow half
-  // of L2; then sections of the heads that fit, handed out dynamically.
+  // of L2; then sections of the heads that fit, handed out dynamically. So are the half-round
+  // sections where the counter is the stream's (eager): D=128 S=512 +1.3%, D=64 512 and 1k ±0.
   w.section_heads = std::max(1, ctas / 2);
   bool dynamic = short_tiles;
   if (p.causal && w.tiles > ctas) {
@@ -1074,6 +1076,7 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t
       w.section_skew = (fit - heads % fit) % fit;
       dynamic = true;
     }
+    dynamic = dynamic || counter_per_stream(stream);
   }
   w.by_section_heads = FastDiv(w.section_heads);
   w.by_section_tiles = FastDiv(w.section_heads * w.m_blocks);
