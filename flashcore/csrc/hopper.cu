@@ -77,15 +77,16 @@
 // below D=64.
 // Limits: fp16/bf16; 16-byte aligned rows (TMA). Any S, Sq ≠ Sk, bottom-right causal, GQA/MQA
 // by index, BHSD/BSHD strides, LSE, fully masked rows → 0.
-// Measured (H100, two sweeps 2026-11-26 12:19, cuDNN in the same run): forward 1.003–1.19× cuDNN
-// over the BENCH grid (D=64 non-causal 416–508 TFLOP/s, D=128 489–671), ≥ 1.0× at all 24 points
-// in both. Closest: D=128 non-causal S=512, at the GPU's ridge (256 FLOP per byte of HBM traffic,
-// each tile's first Q·Kᵀ, last P·V and epilogue alone): by medians of 6 alternated repetitions
-// 0.997–1.023 in 13 runs over four machine starts with tiles from the counter, 0.975–0.997
-// in twelve before (cuDNN's kernel there is the same design and takes the same cycles, ncu);
+// Measured (H100, two sweeps 2026-11-26 12:35, cuDNN in the same run): forward 1.014–1.26× cuDNN
+// over the BENCH grid (D=64 non-causal 423–528 TFLOP/s, D=128 502–665), ≥ 1.0× at all 24 points
+// in both (and in the four sweeps of the two builds before). Closest: D=128 non-causal S=512, at
+// the GPU's ridge (256 FLOP per byte of HBM traffic, each tile's first Q·Kᵀ, last P·V and
+// epilogue alone): by medians of 6 alternated repetitions 0.997–1.023 in 14 runs over five
+// machine starts with tiles from the counter, 0.975–0.997 in twelve before (cuDNN's kernel there
+// is the same design and takes the same cycles, ncu); D=128 causal 512 1.008–1.012;
 // D=256 1.01–1.08× (run 06:55; small launches 1.04–1.29×); D=80, 96 and 160 1.10–1.34× (run
-// 05:45, 1k–4k keys; small launches 1.35–2.0×); mission shape 3.88 / 3.87 µs against cuDNN's
-// 9.15 / 9.46 (3.84–3.99 / 3.84–3.94 in the other runs of these kernels; what bounds it:
+// 05:45, 1k–4k keys; small launches 1.35–2.0×); mission shape 3.89 / 3.89 µs against cuDNN's
+// 9.21 / 9.57 (3.84–3.99 / 3.84–3.94 in the other runs of these kernels; what bounds it:
 // docs/notes.md); few-tile long-key shapes 1.5–1.6× cuDNN. Without its softmax the steady loop
 // reaches the GPU's matmul rate (~710 TFLOP/s).
 // History: docs/notes.md.
