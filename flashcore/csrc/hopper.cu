@@ -991,9 +991,8 @@ bool counter_per_stream(cudaStream_t stream) {
 // life), zeroed once: their stream runs them one after another, each drawing only once the
 // previous kernel has ended (griddepcontrol.wait), so no memset comes before the kernel. Other
 // launches get one of their own, zeroed in stream order; `own` returns it, to be freed after
-// the launch.
-cudaError_t tile_counter(int device, cudaStream_t stream, int** counter, int** own) {
-  const bool shared = counter_per_stream(stream);
+// the launch. `shared`: counter_per_stream(stream).
+cudaError_t tile_counter(int device, cudaStream_t stream, bool shared, int** counter, int** own) {
   cudaError_t s;
   static std::mutex mutex;
   static std::map<std::pair<int, cudaStream_t>, int*> counters;
@@ -1018,11 +1017,12 @@ cudaError_t tile_counter(int device, cudaStream_t stream, int** counter, int** o
   return cudaSuccess;
 }
 
-// A launch's schedule, its CTAs (times splits), and whether it hands tiles out dynamically.
+// A launch's schedule, its CTAs (times splits), whether it hands tiles out dynamically, and
+// whether its stream's counter may serve (counter_per_stream; asked only where it decides).
 struct Plan {
   Schedule w;
   int ctas;
-  bool dynamic;
+  bool dynamic, per_stream;
 };
 template <class C>
 Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t stream) {
@@ -1056,8 +1056,11 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t
   // tiles of at most 4 key tiles in the two-consumer kernels above D=64, taking tiles from the
   // counter as they come free, where it is their stream's (S=512 D=80, 96, 128 +2–3%, S=320
   // D=160 +5%, D=256 ±0; with a memset before each kernel, in graphs, D=96 −5%).
-  const bool short_tiles = !p.causal && splits == 1 && w.tiles > sms && key_tiles <= 4 &&
-                           C::kHeadDim > 64 && kConsumers == 2 && counter_per_stream(stream);
+  const bool short_shape = !p.causal && splits == 1 && w.tiles > sms && key_tiles <= 4 &&
+                           C::kHeadDim > 64 && kConsumers == 2;
+  const bool per_stream = (short_shape || (p.causal && splits == 1 && w.tiles > sms)) &&
+                          counter_per_stream(stream);
+  const bool short_tiles = short_shape && per_stream;
   const int ctas = splits > 1                ? w.tiles
                    : p.causal || short_tiles ? std::min(w.tiles, sms)
                                              : ceil_div(w.tiles, ceil_div(w.tiles, sms));
@@ -1077,11 +1080,11 @@ Plan plan(const AttnParams& p, int device, int sms, int smem_bytes, cudaStream_t
       w.section_skew = (fit - heads % fit) % fit;
       dynamic = true;
     }
-    dynamic = dynamic || counter_per_stream(stream);
+    dynamic = dynamic || per_stream;
   }
   w.by_section_heads = FastDiv(w.section_heads);
   w.by_section_tiles = FastDiv(w.section_heads * w.m_blocks);
-  return {w, ctas, dynamic};
+  return {w, ctas, dynamic, per_stream};
 }
 
 template <class C>
@@ -1091,7 +1094,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   const cudaError_t status = allow_shared_memory<hopper_kernel<C>>(kSmemBytes, device);
   if (status != cudaSuccess) return status;
 
-  auto [w, ctas, dynamic] = plan<C>(p, device, sms, kSmemBytes, stream);
+  auto [w, ctas, dynamic, per_stream] = plan<C>(p, device, sms, kSmemBytes, stream);
   // A launch that leaves over half the SMs idle without splitting keys runs on the kernel with
   // one query row per thread: twice the CTAs, each thread with half the softmax (mission shape
   // −15 to −20%). Not the 176-key kernel (it runs over > 4k keys, where such launches split),
@@ -1111,7 +1114,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream, int device, int sms
   if (!ok) return cudaErrorInvalidValue;
   int* own_counter = nullptr;
   if (dynamic) {
-    const cudaError_t s = tile_counter(device, stream, &w.next_tile, &own_counter);
+    const cudaError_t s = tile_counter(device, stream, per_stream, &w.next_tile, &own_counter);
     if (s != cudaSuccess) return s;
   }
   const int splits = 1 << w.splits_log2;
