@@ -239,8 +239,9 @@ def test_causal_tiles_handed_out_dynamically(rung):
 
 
 @pytest.mark.parametrize("shape, causal", [((1, 36, 36, 512, 512, 128), False),
+                                           ((1, 60, 12, 300, 500, 96), False),
                                            ((1, 60, 60, 300, 1024, 128), True)],
-                         ids=["d128-short-tiles", "causal-sections"])
+                         ids=["d128-short-tiles", "d96-short-tiles-ragged-gqa", "causal-sections"])
 @pytest.mark.parametrize("rung", RUNGS)
 def test_calls_back_to_back_on_two_streams(rung, shape, causal):
     """Four calls back to back on each of two streams at once, each on its own inputs and into
